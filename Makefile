@@ -1,0 +1,37 @@
+# Two commands do all set-up on a fresh machine:
+#   make run    create .venv, install, run the main job on the built-in dataset
+#   make test   create .venv if needed, run the default test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+RUNS ?= runs
+STAMP := $(VENV)/.installed
+
+.PHONY: run test test-slow lint bench-ingest clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade -q pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	RAY_AUTH_MODE=disabled $(BIN)/sepp ingest digits $(RUNS)/digits --overwrite
+	RAY_AUTH_MODE=disabled $(BIN)/sepp inspect $(RUNS)/digits grid=$(RUNS)/digits-grid.png
+	@echo "dataset: $(RUNS)/digits   sample grid: $(RUNS)/digits-grid.png"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m slow
+
+lint: $(STAMP)
+	$(BIN)/ruff check sepp_ray tests benchmarks
+	$(BIN)/mypy sepp_ray
+
+bench-ingest: $(STAMP)
+	$(BIN)/python benchmarks/ingest.py
+
+clean:
+	rm -rf $(VENV) $(RUNS) .pytest_cache

@@ -1,0 +1,198 @@
+"""The `sepp` command: one subcommand per stage of the data flow.
+
+Each subcommand has a typed config dataclass. Values come from its defaults, then a YAML file
+(``--config``), then ``key=value`` arguments (dotted keys for nested sections); ``--help`` lists
+every key with its type, default and meaning. User errors print one clear line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sepp_ray import config as cfg
+from sepp_ray.config import opt
+from sepp_ray.data.ingest import ImageOptions
+from sepp_ray.data.sources import FORMATS, SourceOptions
+from sepp_ray.errors import SeppError
+
+log = logging.getLogger("sepp")
+
+
+@dataclass
+class IngestConfig:
+    source: str = opt(
+        "",
+        "a path or URI (ImageFolder, CIFAR, STL-10, Parquet) or a built-in "
+        "source: digits, synthetic",
+    )
+    out: str = opt("", "output URI: a local path, file:// or s3://bucket/prefix")
+    format: str = opt("auto", f"source format: {', '.join(FORMATS)}")
+    overwrite: bool = opt(False, "replace a complete output already at `out`")
+    images: ImageOptions = field(
+        default_factory=ImageOptions, metadata={"help": "image validation and storage"}
+    )
+    source_options: SourceOptions = field(
+        default_factory=SourceOptions, metadata={"help": "options of each source kind"}
+    )
+
+
+@dataclass
+class InspectConfig:
+    uri: str = opt("", "a dataset URI (the output of `sepp ingest`)")
+    grid: str | None = opt(
+        None, "where to write the PNG grid of samples (default: ./runs/inspect/<dataset name>.png)"
+    )
+    per_class: int = opt(8, "images per class row in the grid")
+    json: bool = opt(False, "print the whole manifest as JSON instead of a summary")
+
+
+def run_ingest(c: IngestConfig) -> int:
+    from sepp_ray.data.ingest import ingest
+    from sepp_ray.data.sources import open_source
+
+    if not c.source or not c.out:
+        raise SeppError("ingest needs SOURCE and OUT (see `sepp ingest --help`)")
+    source = open_source(c.source, c.format, c.source_options)
+    manifest = ingest(source, c.out, c.images, overwrite=c.overwrite, config=cfg.to_dict(c))
+    splits = ", ".join(f"{k} {v['total']}" for k, v in manifest["splits"].items())
+    print(
+        f"ingested {manifest['num_images']} images ({splits}; "
+        f"{manifest['skipped']['count']} skipped) into {c.out}"
+    )
+    return 0
+
+
+def run_inspect(c: InspectConfig) -> int:
+    from sepp_ray.data.dataset import ImageDataset
+    from sepp_ray.data.inspect import sample_grid, save_png, summary_text
+
+    if not c.uri:
+        raise SeppError("inspect needs a dataset URI (see `sepp inspect --help`)")
+    ds = ImageDataset.open(c.uri)
+    print(json.dumps(ds.manifest, indent=2) if c.json else summary_text(c.uri, ds.manifest))
+    name = os.path.basename(c.uri.rstrip("/")) or "dataset"
+    grid = c.grid or os.path.join("runs", "inspect", f"{name}.png")
+    save_png(sample_grid(ds, per_class=c.per_class), grid)
+    print(f"sample grid: {grid}")
+    return 0
+
+
+@dataclass(frozen=True)
+class Command:
+    config_cls: type
+    run: Callable[[Any], int]
+    positionals: tuple[str, ...]
+    summary: str
+    flags: tuple[str, ...] = ()  # boolean keys also offered as --flag
+
+
+COMMANDS: dict[str, Command] = {
+    "ingest": Command(
+        IngestConfig,
+        run_ingest,
+        ("source", "out"),
+        "turn images into Parquet shards + manifest",
+        ("overwrite",),
+    ),
+    "inspect": Command(
+        InspectConfig,
+        run_inspect,
+        ("uri",),
+        "print a dataset's manifest and write a PNG grid of samples",
+        ("json",),
+    ),
+}
+
+
+def _help_table(cls: type) -> str:
+    rows = cfg.describe(cls)
+    width = max(len(k) for k, *_ in rows)
+    lines = ["config keys (set as key=value, or in a YAML file given with --config):"]
+    for key, tp, default, text in rows:
+        lines.append(f"  {key:<{width}}  {text} [{tp}, default {default}]")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sepp",
+        description="Self-supervised learning with semantic positive pairs, on Ray.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, spec in COMMANDS.items():
+        p = sub.add_parser(
+            name,
+            help=spec.summary,
+            description=spec.summary,
+            epilog=_help_table(spec.config_cls),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        for pos in spec.positionals:
+            p.add_argument(pos, nargs="?", help=f"= {pos}=... (see below)")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+        p.add_argument("--config", help="YAML file of config keys")
+        for flag in spec.flags:
+            p.add_argument(
+                f"--{flag.replace('_', '-')}",
+                dest=f"flag_{flag}",
+                action="store_true",
+                help=f"same as {flag}=true",
+            )
+        if "format" in {f for f, *_ in cfg.describe(spec.config_cls)}:
+            p.add_argument("--format", dest="flag_format", help="same as format=...")
+    return parser
+
+
+def parse_config(argv: list[str]) -> tuple[Command, Any]:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    bad = [a for a in extra if "=" not in a or a.startswith("-")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    if args.command is None:
+        parser.print_help()
+        raise SystemExit(2)
+    spec = COMMANDS[args.command]
+    overrides = list(args.overrides) + extra
+    # positionals that look like key=value are overrides given early
+    base: dict[str, Any] = {}
+    for pos in spec.positionals:
+        value = getattr(args, pos)
+        if value is None:
+            continue
+        if (
+            "=" in value
+            and value.split("=", 1)[0].replace(".", "").replace("_", "").isalnum()
+            and "://" not in value.split("=", 1)[0]
+        ):
+            overrides.insert(0, value)
+        else:
+            base[pos] = value
+    for key, value in vars(args).items():
+        if key.startswith("flag_") and value not in (None, False):
+            overrides.append(f"{key[5:]}={value}")
+    if args.verbose:
+        logging.getLogger().setLevel(logging.DEBUG)
+    return spec, cfg.load(spec.config_cls, args.config, overrides, base=base)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        spec, config = parse_config(sys.argv[1:] if argv is None else argv)
+        return spec.run(config)
+    except SeppError as e:
+        print(f"sepp: error: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Image sources, ingest into Parquet shards, and reading them back."""

@@ -1,0 +1,108 @@
+"""Collectives behind one small module, with no-op fallbacks when no process group exists.
+
+Losses and methods talk across ranks only through these functions (as lightly's `utils/dist.py`),
+so the same code runs on a laptop, under DDP with gloo, and on a GPU cluster with NCCL. Every
+function here works on the default process group and on the device of its input.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as torch_dist
+from torch import Tensor
+
+
+def is_dist() -> bool:
+    """True when torch.distributed is available and a process group is initialised."""
+    return torch_dist.is_available() and torch_dist.is_initialized()
+
+
+def world_size() -> int:
+    """Number of ranks; 1 without a process group."""
+    return torch_dist.get_world_size() if is_dist() else 1
+
+
+def rank() -> int:
+    """This process' rank; 0 without a process group."""
+    return torch_dist.get_rank() if is_dist() else 0
+
+
+def global_offset(n_local: int) -> int:
+    """Index of this rank's first row in a tensor gathered with `gather` (equal sizes per rank)."""
+    return rank() * n_local
+
+
+def _check_equal_shapes(t: Tensor) -> None:
+    """Refuse ranks with different shapes on every rank at once (so none is left hanging)."""
+    shape = torch.tensor(list(t.shape), dtype=torch.int64, device=t.device)
+    shapes = [torch.empty_like(shape) for _ in range(world_size())]
+    torch_dist.all_gather(shapes, shape)
+    if any(not torch.equal(s, shapes[0]) for s in shapes):
+        per_rank = [tuple(s.tolist()) for s in shapes]
+        raise ValueError(
+            f"gather needs the same tensor shape on every rank, got {per_rank} (rank order); "
+            "use equal per-rank batch sizes (drop_last=True in the data loader)"
+        )
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather along dim 0 whose backward sums the gradient over ranks and keeps this slice.
+
+    Each rank's loss depends on every rank's rows, so the gradient of row block r is the sum of
+    the gradients the W per-rank losses send it. With DDP's gradient averaging that makes W ranks
+    equal to one process on the whole batch (SimCLR arXiv 2002.05709 global batch norm/negatives;
+    solo-learn `GatherLayer`).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, t: Tensor) -> Tensor:
+        ws = world_size()
+        ctx.n_local = t.shape[0]
+        ctx.rank = rank()
+        parts = [torch.empty_like(t) for _ in range(ws)]
+        torch_dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts, dim=0)  # (W * n) x ...
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        grad = grad.contiguous().clone()  # all_reduce is in place; never touch autograd's buffer
+        torch_dist.all_reduce(grad, op=torch_dist.ReduceOp.SUM)
+        start = ctx.rank * ctx.n_local
+        return grad[start : start + ctx.n_local]
+
+
+def gather(t: Tensor) -> Tensor:
+    """Concatenate `t` (n x ...) from all ranks along dim 0, rank order: (W * n) x ....
+
+    Gradients flow back to this rank's slice (see `_GatherWithGrad`). Identity without a process
+    group or with one rank. Every rank must pass the same shape; ValueError otherwise.
+    """
+    if world_size() == 1:
+        return t
+    _check_equal_shapes(t)
+    if not (t.requires_grad and torch.is_grad_enabled()):
+        parts = [torch.empty_like(t) for _ in range(world_size())]
+        torch_dist.all_gather(parts, t.detach().contiguous())
+        return torch.cat(parts, dim=0)
+    out: Tensor = _GatherWithGrad.apply(t)
+    return out
+
+
+@torch.no_grad()
+def all_reduce_sum(t: Tensor) -> Tensor:
+    """Sum of `t` over ranks, as a new detached tensor (a copy of `t` without a process group)."""
+    out = t.detach().clone()
+    if world_size() > 1:
+        torch_dist.all_reduce(out, op=torch_dist.ReduceOp.SUM)
+    return out
+
+
+@torch.no_grad()
+def all_reduce_mean(t: Tensor) -> Tensor:
+    """Mean of `t` over ranks, as a new detached tensor (a copy of `t` without a process group).
+
+    Integer inputs come back as floating point, since a mean of integers need not be one.
+    """
+    return all_reduce_sum(t) / world_size()
