@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade -q pip
 	$(BIN)/python -m pip install -q -e '.[test]'
+	# lightly is only the tests' oracle for the losses; --no-deps keeps its training stack
+	# (pytorch-lightning, hydra) out, which would downgrade a package moto needs
+	$(BIN)/python -m pip install -q --no-deps lightly==1.6.0
 	touch $(STAMP)
 
 run: $(STAMP)
