@@ -21,6 +21,8 @@ from sepp_ray.config import opt
 from sepp_ray.data.ingest import ImageOptions
 from sepp_ray.data.sources import FORMATS, SourceOptions
 from sepp_ray.errors import SeppError
+from sepp_ray.mining.encoder import EncoderConfig
+from sepp_ray.mining.mine import MineConfig
 
 log = logging.getLogger("sepp")
 
@@ -84,6 +86,74 @@ def run_inspect(c: InspectConfig) -> int:
     return 0
 
 
+@dataclass
+class EmbedConfig:
+    dataset: str = opt("", "an image dataset URI (the output of `sepp ingest`)")
+    out: str = opt("", "output URI of the embeddings")
+    splits: list[str] = opt([], "splits to embed, comma-separated (default: all)")
+    actors: int | None = opt(None, "embedding actors (default: one per GPU, else up to 4 CPU)")
+    overwrite: bool = opt(False, "replace a complete output already at `out`")
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+
+
+@dataclass
+class MineCommandConfig:
+    input: str = opt("", "an image dataset (embedded first, into OUT/embeddings) or an "
+                         "embeddings location (the output of `sepp embed`)")
+    out: str = opt("", "output URI of the pairs")
+    splits: list[str] = opt(["train"], "splits to mine when the input is an image dataset")
+    actors: int | None = opt(None, "embedding actors (default: one per GPU, else up to 4 CPU)")
+    overwrite: bool = opt(False, "replace a complete output already at `out`")
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    mining: MineConfig = field(default_factory=MineConfig)
+
+
+@dataclass
+class PairsReportConfig:
+    pairs: str = opt("", "a pairs location (the output of `sepp mine`)")
+    out: str | None = opt(None, "where the PNGs and report.md go (default: ./runs/reports/<name>)")
+    rows: int = opt(8, "anchors shown in the grid")
+    per_row: int = opt(4, "positives shown per anchor")
+
+
+def run_embed(c: EmbedConfig) -> int:
+    from sepp_ray.mining.embed import embed
+
+    if not c.dataset or not c.out:
+        raise SeppError("embed needs DATASET and OUT (see `sepp embed --help`)")
+    m = embed(c.dataset, c.out, c.encoder, splits=c.splits or None, actors=c.actors,
+              overwrite=c.overwrite)
+    print(f"embedded {m['num_embeddings']} images ({m['dim']}-d, {m['encoder']['identity']}) "
+          f"into {c.out}")
+    return 0
+
+
+def run_mine(c: MineCommandConfig) -> int:
+    from sepp_ray.mining.pipeline import mine_command
+
+    if not c.input or not c.out:
+        raise SeppError("mine needs INPUT and OUT (see `sepp mine --help`)")
+    m = mine_command(c.input, c.out, c.encoder, c.mining, splits=c.splits, actors=c.actors,
+                     overwrite=c.overwrite, config=cfg.to_dict(c))
+    prec = (m.get("precision") or {}).get("overall")
+    print(f"mined {m['num_pairs']} pairs for {m['anchors_with_positive']} of {m['k']} anchors "
+          f"(N={m['n']}, [{m['lo']}, {m['hi']}]"
+          + (f", pair precision {prec:.3f}" if prec is not None else "") + f") into {c.out}")
+    return 0
+
+
+def run_pairs_report(c: PairsReportConfig) -> int:
+    from sepp_ray.mining.pairs_report import write_report
+
+    if not c.pairs:
+        raise SeppError("pairs-report needs a pairs URI (see `sepp pairs-report --help`)")
+    name = os.path.basename(c.pairs.rstrip("/")) or "pairs"
+    out = c.out or os.path.join("runs", "reports", name)
+    for path in write_report(c.pairs, out, rows=c.rows, per_row=c.per_row):
+        print(path)
+    return 0
+
+
 @dataclass(frozen=True)
 class Command:
     config_cls: type
@@ -107,6 +177,26 @@ COMMANDS: dict[str, Command] = {
         ("uri",),
         "print a dataset's manifest and write a PNG grid of samples",
         ("json",),
+    ),
+    "embed": Command(
+        EmbedConfig,
+        run_embed,
+        ("dataset", "out"),
+        "embed images with a frozen encoder (Parquet + manifest)",
+        ("overwrite",),
+    ),
+    "mine": Command(
+        MineCommandConfig,
+        run_mine,
+        ("input", "out"),
+        "mine semantic positive pairs (embeds first when given images)",
+        ("overwrite",),
+    ),
+    "pairs-report": Command(
+        PairsReportConfig,
+        run_pairs_report,
+        ("pairs",),
+        "PNG grid of pairs, similarity histogram, precision curve",
     ),
 }
 

@@ -169,12 +169,13 @@ def read_manifest(uri: str) -> dict[str, Any]:
         raise SeppError(f"{uri}/{MANIFEST} is not valid JSON ({e}): rewrite the output") from e
 
 
-def begin_write(uri: str, overwrite: bool = False) -> Location:
+def begin_write(uri: str, overwrite: bool = False, keep: tuple[str, ...] = ()) -> Location:
     """Claim ``uri`` for a new output.
 
     Refuses a complete output unless ``overwrite``; cleans up a crashed write of ours; refuses
     a non-empty location that sepp-ray did not write (we never delete a user's files).
     The manifest goes first when overwriting, so the location stops looking complete at once.
+    ``keep`` names children to leave in place (a complete sub-result the caller will reuse).
     """
     check_reachable(uri)
     loc = Location(uri)
@@ -187,14 +188,14 @@ def begin_write(uri: str, overwrite: bool = False) -> Location:
             )
         loc.fs.rm(loc.join(MANIFEST))
         names.remove(MANIFEST)
-        _clear(loc, names)
+        _clear(loc, [n for n in names if n not in keep])
     elif names:
         if WRITING_MARKER not in names:
             raise SeppError(
                 f"{uri} is not empty and was not written by sepp-ray; refusing to write into it. "
                 "Choose an empty or new location."
             )
-        _clear(loc, names)
+        _clear(loc, [n for n in names if n not in keep])
     loc.write_bytes(WRITING_MARKER, json.dumps({"started": time.time()}).encode())
     return loc
 

@@ -1,0 +1,78 @@
+"""SSL methods, one file each, behind a registry: `create_method("simclr", backbone="resnet18")`."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from sepp_ray.errors import SeppError
+from sepp_ray.methods import (  # noqa: F401  (importing registers each method)
+    barlow_twins,
+    byol,
+    dino,
+    moco,
+    nnclr,
+    simclr,
+    simsiam,
+    supcon,
+    vicreg,
+)
+from sepp_ray.methods.base import _METHODS, Method, register_method
+from sepp_ray.models.backbones import create_backbone
+
+
+def list_methods() -> list[str]:
+    """Names `create_method` accepts."""
+    return sorted(_METHODS)
+
+
+def method_class(name: str) -> type[Method]:
+    """The registered class; SeppError naming the choices for an unknown name."""
+    if name not in _METHODS:
+        raise SeppError(f"unknown method {name!r}: choose one of {list_methods()}")
+    return _METHODS[name]
+
+
+def method_hparams(name: str) -> type:
+    """The hyperparameter dataclass of method `name` (its fields are the valid overrides)."""
+    return method_class(name).hparams_cls
+
+
+def make_hparams(name: str, **overrides: Any) -> Any:
+    """The method's hyperparameters with `overrides` applied; SeppError on an unknown field."""
+    cls = method_hparams(name)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(overrides) - set(valid))
+    if unknown:
+        raise SeppError(
+            f"unknown hyperparameter(s) {unknown} for method {name!r}: valid ones are {valid}"
+        )
+    try:
+        return cls(**overrides)
+    except (TypeError, ValueError) as e:
+        raise SeppError(f"bad hyperparameters for method {name!r}: {e}") from e
+
+
+def create_method(
+    name: str,
+    backbone: str = "resnet18",
+    cifar_stem: bool = False,
+    pretrained: bool = False,
+    **hparam_overrides: Any,
+) -> Method:
+    """Build method `name` on a fresh backbone (any timm name or a registered alias)."""
+    cls = method_class(name)
+    hp = make_hparams(name, **hparam_overrides)
+    net, feat_dim = create_backbone(backbone, cifar_stem=cifar_stem, pretrained=pretrained)
+    return cls(net, feat_dim, hp)
+
+
+__all__ = [
+    "Method",
+    "create_method",
+    "list_methods",
+    "make_hparams",
+    "method_class",
+    "method_hparams",
+    "register_method",
+]

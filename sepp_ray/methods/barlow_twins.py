@@ -1,0 +1,55 @@
+"""Barlow Twins (Zbontar et al., arXiv 2103.03230): cross-correlation of the views -> identity.
+
+No negatives, so `pos_ids` has nothing to change: Barlow Twins ignores it
+(`supports_multi_positive = False`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from sepp_ray.losses.barlow_twins import barlow_twins_loss
+from sepp_ray.methods.base import Method, register_method
+from sepp_ray.models.heads import projection_mlp
+
+
+@dataclass
+class BarlowTwinsHParams:
+    """Barlow Twins hyperparameters (paper, sec. 4): 3-layer 8192-d projector, BN + ReLU after
+    the first two layers, off-diagonal weight lambda = 0.0051."""
+
+    proj_hidden_dim: int = 8192
+    proj_output_dim: int = 8192
+    proj_layers: int = 3
+    lambda_offdiag: float = 0.0051
+
+
+@register_method("barlow_twins")
+class BarlowTwins(Method):
+    """Projector on both views; the loss standardises over the global batch."""
+
+    default_recipe = "barlow_twins"
+    hparams_cls = BarlowTwinsHParams
+    supports_multi_positive = False
+
+    def __init__(self, backbone: nn.Module, feat_dim: int, hp: BarlowTwinsHParams) -> None:
+        super().__init__(backbone, feat_dim, hp)
+        self.projector = projection_mlp(
+            feat_dim, hp.proj_hidden_dim, hp.proj_output_dim, hp.proj_layers
+        )
+
+    def training_loss(
+        self,
+        views: list[torch.Tensor],
+        ids: torch.Tensor,
+        pos_ids: torch.Tensor | None = None,
+        epoch: int = 0,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """`pos_ids` is ignored (Barlow Twins has no negatives)."""
+        self._check_views(views, ids)
+        z1, z2 = (self.projector(self.backbone(v)) for v in views[:2])  # N x D, BN per view
+        loss = barlow_twins_loss(z1, z2, self.hp.lambda_offdiag, gather=True)
+        return loss, {"loss": loss.item()}

@@ -1,0 +1,60 @@
+"""SimSiam (Chen & He, arXiv 2011.10566): a predictor and a stop-gradient, no target network.
+
+No negatives, so `pos_ids` has nothing to change: SimSiam ignores it
+(`supports_multi_positive = False`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from sepp_ray.losses.negative_cosine import negative_cosine_similarity
+from sepp_ray.methods.base import Method, register_method
+from sepp_ray.models.heads import prediction_mlp, projection_mlp
+
+
+@dataclass
+class SimSiamHParams:
+    """SimSiam hyperparameters (paper, sec. 3): 3-layer 2048-d projector with BN on its output,
+    bottleneck predictor 2048 -> 512 -> 2048. On CIFAR the paper uses a 2-layer projector."""
+
+    proj_hidden_dim: int = 2048
+    proj_output_dim: int = 2048
+    proj_layers: int = 3
+    pred_hidden_dim: int = 512
+
+
+@register_method("simsiam")
+class SimSiam(Method):
+    """Symmetrised D(p1, sg(z2)) / 2 + D(p2, sg(z1)) / 2 with negative cosine D."""
+
+    default_recipe = "simsiam"
+    hparams_cls = SimSiamHParams
+    supports_multi_positive = False
+
+    def __init__(self, backbone: nn.Module, feat_dim: int, hp: SimSiamHParams) -> None:
+        super().__init__(backbone, feat_dim, hp)
+        self.projector = projection_mlp(
+            feat_dim, hp.proj_hidden_dim, hp.proj_output_dim, hp.proj_layers, last_bn=True
+        )
+        self.predictor = prediction_mlp(hp.proj_output_dim, hp.pred_hidden_dim, hp.proj_output_dim)
+
+    def training_loss(
+        self,
+        views: list[torch.Tensor],
+        ids: torch.Tensor,
+        pos_ids: torch.Tensor | None = None,
+        epoch: int = 0,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """`pos_ids` is ignored (SimSiam has no negatives)."""
+        self._check_views(views, ids)
+        z1, z2 = (self.projector(self.backbone(v)) for v in views[:2])  # N x D, BN per view
+        p1, p2 = self.predictor(z1), self.predictor(z2)
+        loss = 0.5 * (
+            negative_cosine_similarity(p1, z2.detach())
+            + negative_cosine_similarity(p2, z1.detach())
+        )
+        return loss, {"loss": loss.item()}

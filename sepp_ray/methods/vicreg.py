@@ -1,0 +1,59 @@
+"""VICReg (Bardes et al., arXiv 2105.04906): variance-invariance-covariance regularisation.
+
+No negatives, so `pos_ids` has nothing to change: VICReg ignores it
+(`supports_multi_positive = False`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from sepp_ray.losses.vicreg import vicreg_loss
+from sepp_ray.methods.base import Method, register_method
+from sepp_ray.models.heads import projection_mlp
+
+
+@dataclass
+class VICRegHParams:
+    """VICReg hyperparameters (paper, sec. 4.1): 3-layer 8192-d expander,
+    lambda = mu = 25 (invariance, variance), nu = 1 (covariance)."""
+
+    proj_hidden_dim: int = 8192
+    proj_output_dim: int = 8192
+    proj_layers: int = 3
+    sim_coeff: float = 25.0
+    std_coeff: float = 25.0
+    cov_coeff: float = 1.0
+
+
+@register_method("vicreg")
+class VICReg(Method):
+    """Expander on both views, VICReg loss with variance/covariance over the global batch."""
+
+    default_recipe = "vicreg"
+    hparams_cls = VICRegHParams
+    supports_multi_positive = False
+
+    def __init__(self, backbone: nn.Module, feat_dim: int, hp: VICRegHParams) -> None:
+        super().__init__(backbone, feat_dim, hp)
+        self.projector = projection_mlp(
+            feat_dim, hp.proj_hidden_dim, hp.proj_output_dim, hp.proj_layers
+        )
+
+    def training_loss(
+        self,
+        views: list[torch.Tensor],
+        ids: torch.Tensor,
+        pos_ids: torch.Tensor | None = None,
+        epoch: int = 0,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """`pos_ids` is ignored (VICReg has no negatives)."""
+        self._check_views(views, ids)
+        z1, z2 = (self.projector(self.backbone(v)) for v in views[:2])  # N x D, BN per view
+        loss = vicreg_loss(
+            z1, z2, self.hp.sim_coeff, self.hp.std_coeff, self.hp.cov_coeff, gather=True
+        )
+        return loss, {"loss": loss.item()}

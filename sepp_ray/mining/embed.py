@@ -1,0 +1,143 @@
+"""Embedding at scale: image shards -> L2-normalised embeddings (Parquet) + manifest, on Ray Data.
+
+An actor pool of ``Embedder``s (one GPU each where GPUs exist, CPU actors otherwise) runs over
+the dataset's shards. Output rows: ``id``, ``label``, ``split``, ``embedding`` (fixed-size list
+of float32). Labels ride along only so that pair precision can be measured later; they are
+never used to choose pairs.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from sepp_ray.data.dataset import ImageDataset
+from sepp_ray.errors import SeppError
+from sepp_ray.mining.anchors import Vectors
+from sepp_ray.mining.encoder import EncoderConfig, load_encoder
+from sepp_ray.storage import Location, begin_write, filesystem, finish_write, read_manifest
+
+log = logging.getLogger(__name__)
+EMB_DIR = "embeddings"
+
+
+def _split_filter(splits: list[str]) -> Any:
+    wanted = pa.array(splits, pa.string())
+
+    def keep(t: pa.Table) -> pa.Table:
+        return t.filter(pc.is_in(t["split"], value_set=wanted))
+
+    return keep
+
+
+def embed(
+    dataset_uri: str,
+    out_uri: str,
+    encoder: EncoderConfig,
+    *,
+    splits: list[str] | None = None,
+    actors: int | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Embed the images of ``splits`` (all when None); returns the manifest written."""
+    import ray
+    from ray.data import DataContext
+
+    from sepp_ray.ray_utils import init_ray
+
+    ds = ImageDataset.open(dataset_uri)
+    present = list(ds.manifest["splits"])
+    chosen = present if not splits else splits
+    unknown = sorted(set(chosen) - set(present))
+    if unknown:
+        raise SeppError(f"split(s) {unknown} not in {dataset_uri}; it has {present}")
+    n_expected = sum(ds.manifest["splits"][s]["total"] for s in chosen)
+    if n_expected == 0:
+        raise SeppError(f"no images in splits {chosen} of {dataset_uri}: nothing to embed")
+    _, meta, identity = load_encoder(encoder)  # fail on a bad checkpoint before any Ray work
+    loc = begin_write(out_uri, overwrite=overwrite)
+    init_ray()
+    # Fixed batch composition makes embeddings bit-identical across runs and cluster shapes.
+    DataContext.get_current().execution_options.preserve_order = True
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    # leave one CPU to the read tasks that feed the actors, or the pipeline starves
+    n_actors = actors or (gpus if gpus else max(1, min(cpus - 1, 4)))
+    rds = ds.to_ray(columns=["id", "image", "label", "split"])
+    if set(chosen) != set(present):
+        rds = rds.map_batches(_split_filter(chosen), batch_format="pyarrow")
+    from sepp_ray.mining.encoder import Embedder
+
+    rds = rds.map_batches(
+        Embedder,
+        fn_constructor_args=(encoder,),
+        batch_size=encoder.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=n_actors),
+        num_gpus=1 if gpus else 0,
+        num_cpus=1 if not gpus else 2,
+    )
+    fs, _ = filesystem(out_uri)
+    rds.write_parquet(loc.join(EMB_DIR), filesystem=fs)
+    files = sorted(p for p in fs.ls(loc.join(EMB_DIR), detail=False) if p.endswith(".parquet"))
+    rows = [pq.ParquetFile(fs.open(p, "rb")).metadata.num_rows for p in files]
+    if sum(rows) != n_expected:
+        raise SeppError(f"embedded {sum(rows)} images but expected {n_expected}: rerun")
+    manifest = {
+        "kind": "embeddings",
+        "num_embeddings": int(sum(rows)),
+        "dim": meta.feat_dim,
+        "encoder": {"identity": identity, "config": asdict(encoder), "meta": asdict(meta)},
+        "dataset": {
+            "uri": dataset_uri,
+            "fingerprint": ds.manifest.get("source", {}).get("fingerprint"),
+            "classes": ds.classes,
+        },
+        "splits": chosen,
+        "actors": n_actors,
+        "gpus": gpus,
+        "files": [
+            {"path": posixpath.relpath(p, loc.path), "rows": r}
+            for p, r in zip(files, rows, strict=True)
+        ],
+    }
+    finish_write(loc, manifest)
+    return manifest
+
+
+def load_embeddings(
+    uri: str, files: list[int] | None = None, ids: np.ndarray | None = None
+) -> tuple[Vectors, np.ndarray]:
+    """Read (a subset of) an embeddings location: Vectors and labels (-1 where unlabeled).
+
+    ``files`` selects shard files by index (sharded-keys mode); ``ids`` keeps only those rows.
+    Rows come out sorted by id, whatever order the files were written in.
+    """
+    m = read_manifest(uri)
+    if m.get("kind") != "embeddings":
+        raise SeppError(f"{uri} is a {m.get('kind')!r} output, not embeddings")
+    loc = Location(uri)
+    fs = loc.fs
+    listed = m["files"] if files is None else [m["files"][i] for i in files]
+    tables = []
+    for f in listed:
+        with fs.open(loc.join(f["path"]), "rb") as fh:
+            t = pq.read_table(fh, columns=["id", "label", "embedding"])
+        if ids is not None:
+            t = t.filter(pc.is_in(t["id"], value_set=pa.array(ids, pa.int64())))
+        tables.append(t)
+    dim = int(m["dim"])
+    if not tables:
+        return Vectors(np.empty(0, np.int64), np.empty((0, dim), np.float32)), np.empty(0, np.int64)
+    t = pa.concat_tables(tables).sort_by("id")
+    vecs = t["embedding"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    vecs = np.asarray(vecs, dtype=np.float32).reshape(-1, dim)
+    labels = t["label"].fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    return Vectors(t["id"].to_numpy().astype(np.int64), vecs), labels

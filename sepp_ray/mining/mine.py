@@ -1,0 +1,271 @@
+"""`sepp mine`: choose anchors, search all embeddings on Ray actors, write pairs + manifest.
+
+Two distribution modes (arXiv 2306.16122 mines once, offline, so either is a one-shot job):
+- replicated keys (default): every worker holds all N embeddings and searches its share of the
+  anchors; results are concatenated in anchor order;
+- sharded keys (``shard_keys=S``): worker s holds only key shard s and searches every anchor;
+  per-shard top-m lists are merged. For key sets larger than one worker's memory.
+Both give the same pairs as one process (same anchors, same tie-break), on any cluster shape.
+
+The search runs once with the lower threshold opened to -1, so each anchor's top-m neighbours
+below ``hi`` are known; the pairs are those at or above ``lo``. The extra candidates cost
+nothing and give the similarity histogram and the precision-versus-threshold curve.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from sepp_ray.config import opt
+from sepp_ray.errors import SeppError
+from sepp_ray.mining.anchors import choose_anchors, validate_thresholds
+from sepp_ray.mining.embed import load_embeddings
+from sepp_ray.mining.report_stats import pair_statistics
+from sepp_ray.mining.search import Pairs, build_searcher, merge_shard_results
+from sepp_ray.storage import Location, read_manifest
+
+log = logging.getLogger(__name__)
+PAIRS_DIR = "pairs"
+CANDIDATES_DIR = "candidates"
+
+
+@dataclass(frozen=True)
+class MineConfig:
+    """How anchors are chosen and positives accepted."""
+
+    lo: float = opt(0.96, "lower cosine threshold, inclusive (the papers' 0.96)")
+    hi: float = opt(0.99, "upper cosine threshold, inclusive (the papers' 0.99)")
+    k: float = opt(1.0, "anchors: a fraction of the images in (0, 1], or a count > 1")
+    m: int = opt(1, "at most this many positives per anchor, most similar first")
+    seed: int = opt(0, "seed of the anchor choice")
+    backend: str = opt("auto", "search backend: auto, torch, faiss-flat, faiss-ivf, numpy")
+    workers: int | None = opt(None, "search actors (default: one per GPU, else 1)")
+    shard_keys: int = opt(0, "0: every worker holds all keys; S > 0: S key shards, merged")
+    dup_eps: float = opt(1e-4, "similarity >= 1 - dup_eps marks an exact duplicate (excluded)")
+    nprobe: int = opt(16, "faiss-ivf: inverted lists visited per query")
+
+    def validate(self) -> None:
+        validate_thresholds(self.lo, self.hi)
+        if self.m < 1:
+            raise SeppError(f"m={self.m} must be >= 1: the number of positives per anchor")
+        if self.shard_keys < 0:
+            raise SeppError(f"shard_keys={self.shard_keys} must be >= 0")
+        if self.workers is not None and self.workers < 1:
+            raise SeppError(f"workers={self.workers} must be >= 1")
+
+    def anchor_count(self) -> int | float:
+        return int(self.k) if self.k > 1 else float(self.k)
+
+
+class SearchWorker:
+    """A Ray actor holding keys (all of them, or one shard) for repeated searches."""
+
+    def __init__(
+        self, emb_uri: str, backend: str, files: list[int] | None, options: dict[str, Any]
+    ) -> None:
+        import ray
+
+        self.keys, _ = load_embeddings(emb_uri, files)
+        self.searcher = build_searcher(self.keys, backend, **options)
+        self.node = ray.get_runtime_context().get_node_id()
+
+    def search(
+        self,
+        anchor_ids: np.ndarray,
+        anchor_vecs: np.ndarray | None,
+        hi: float,
+        m: int,
+        dup_eps: float,
+    ) -> tuple[Pairs, dict[str, Any]]:
+        from sepp_ray.mining.anchors import Vectors
+
+        t0 = time.perf_counter()
+        if anchor_vecs is None:
+            rows = np.searchsorted(self.keys.ids, anchor_ids)
+            queries = self.keys.take(rows)
+        else:
+            queries = Vectors(anchor_ids, anchor_vecs)
+        pairs = self.searcher.search(queries, -1.0, hi, m, dup_eps)
+        info = {
+            "node": self.node,
+            "anchors": int(len(anchor_ids)),
+            "keys": int(len(self.keys)),
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+        return pairs, info
+
+
+def _unwrap(fn: Any) -> Any:
+    """Run ``fn``; a SeppError raised inside an actor surfaces as itself, not a RayTaskError."""
+    import ray
+
+    try:
+        return fn()
+    except ray.exceptions.RayTaskError as e:
+        cause = e.cause if hasattr(e, "cause") else None
+        if isinstance(cause, SeppError):
+            raise SeppError(str(cause)) from None
+        raise
+    except ray.exceptions.RayActorError as e:
+        raise SeppError(
+            f"a search worker died: {e}. Give workers more memory or use "
+            "shard_keys to split the keys"
+        ) from e
+
+
+def _write_pairs(loc: Location, name: str, pairs: Pairs) -> str:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(pa.table(pairs.to_dict()), buf)
+    rel = f"{name}/part-00000.parquet"
+    loc.write_bytes(rel, buf.getvalue())
+    return rel
+
+
+def run_search(emb_uri: str, cfg: MineConfig) -> tuple[np.ndarray, Pairs, list[dict[str, Any]]]:
+    """Anchors, the candidates (top m below hi, any similarity), and per-worker info."""
+    import ray
+
+    from sepp_ray.ray_utils import init_ray
+
+    manifest = read_manifest(emb_uri)
+    if manifest.get("kind") != "embeddings":
+        raise SeppError(f"{emb_uri} is a {manifest.get('kind')!r} output, not embeddings")
+    n = int(manifest["num_embeddings"])
+    if n == 0:
+        raise SeppError(f"{emb_uri} holds no embeddings: the dataset is empty")
+    ids = _all_ids(emb_uri)
+    anchors = choose_anchors(ids, cfg.anchor_count(), cfg.seed)
+    init_ray()
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    options: dict[str, Any] = {"nprobe": cfg.nprobe} if cfg.backend == "faiss-ivf" else {}
+    actor_cls = ray.remote(SearchWorker).options(num_gpus=1 if gpus else 0, num_cpus=1)
+    n_files = len(manifest["files"])
+    if cfg.shard_keys:
+        shards = min(cfg.shard_keys, n_files)
+        if shards < cfg.shard_keys:
+            log.warning(
+                "shard_keys=%d but only %d embedding files: using %d shards",
+                cfg.shard_keys,
+                n_files,
+                shards,
+            )
+        workers = [
+            actor_cls.remote(emb_uri, cfg.backend, list(range(s, n_files, shards)), options)
+            for s in range(shards)
+        ]
+        anchor_vecs, _ = load_embeddings(emb_uri, ids=anchors)
+        vec_ref = ray.put(anchor_vecs.numpy())
+        futures = [w.search.remote(anchors, vec_ref, cfg.hi, cfg.m, cfg.dup_eps) for w in workers]
+        results = _unwrap(lambda: ray.get(futures))
+        cands = merge_shard_results([r[0] for r in results], cfg.m, anchors)
+    else:
+        n_workers = min(cfg.workers or max(1, gpus), len(anchors))
+        workers = [actor_cls.remote(emb_uri, cfg.backend, None, options) for _ in range(n_workers)]
+        chunks = np.array_split(anchors, n_workers)
+        futures = [
+            w.search.remote(c, None, cfg.hi, cfg.m, cfg.dup_eps)
+            for w, c in zip(workers, chunks, strict=True)
+        ]
+        results = _unwrap(lambda: ray.get(futures))
+        cands = Pairs.concat([r[0] for r in results])
+    for w in workers:
+        ray.kill(w)
+    return anchors, cands, [r[1] for r in results]
+
+
+def _all_ids(emb_uri: str) -> np.ndarray:
+    import pyarrow.parquet as pq
+
+    loc = Location(emb_uri)
+    m = read_manifest(emb_uri)
+    parts = []
+    for f in m["files"]:
+        with loc.fs.open(loc.join(f["path"]), "rb") as fh:
+            parts.append(pq.read_table(fh, columns=["id"])["id"].to_numpy())
+    return np.concatenate(parts).astype(np.int64)
+
+
+def accept(cands: Pairs, lo: float) -> Pairs:
+    """Candidates at or above ``lo`` (ranks unchanged: each anchor loses a suffix)."""
+    keep = cands.similarity >= np.float32(lo)
+    return Pairs(
+        cands.anchor_id[keep], cands.positive_id[keep], cands.similarity[keep], cands.rank[keep]
+    )
+
+
+def mine(emb_uri: str, loc: Location, cfg: MineConfig) -> dict[str, Any]:
+    """Search and write pairs into the claimed location ``loc``; returns the manifest body
+    (the caller adds its own fields and writes the manifest)."""
+    cfg.validate()
+    t0 = time.perf_counter()
+    anchors, cands, workers = run_search(emb_uri, cfg)
+    seconds = time.perf_counter() - t0
+    pairs = accept(cands, cfg.lo)
+    emb_manifest = read_manifest(emb_uri)
+    labels_by_id = _labels(emb_uri)
+    stats = pair_statistics(
+        pairs,
+        cands,
+        anchors,
+        cfg.lo,
+        cfg.hi,
+        labels_by_id,
+        emb_manifest["dataset"].get("classes", []),
+    )
+    files = {
+        "pairs": _write_pairs(loc, PAIRS_DIR, pairs),
+        "candidates": _write_pairs(loc, CANDIDATES_DIR, cands),
+    }
+    body: dict[str, Any] = {
+        "kind": "pairs",
+        "config": asdict(cfg),
+        "encoder": emb_manifest["encoder"],
+        "embeddings": emb_uri,
+        "dataset": emb_manifest["dataset"],
+        "n": int(emb_manifest["num_embeddings"]),
+        "k": int(len(anchors)),
+        "lo": cfg.lo,
+        "hi": cfg.hi,
+        "num_pairs": int(len(pairs)),
+        "anchors_with_positive": int(len(np.unique(pairs.anchor_id))),
+        **stats,
+        "files": files,
+        "workers": workers,
+        "search_seconds": round(seconds, 3),
+    }
+    if len(pairs) == 0:
+        best = float(cands.similarity.max()) if len(cands) else float("nan")
+        body["warning"] = (
+            f"no pair found with similarity in [{cfg.lo}, {cfg.hi}]: the most similar "
+            f"neighbour below hi has similarity {best:.4f}. Relax the lower threshold "
+            f"(lo <= {best:.4f}) or raise hi."
+        )
+        log.warning(body["warning"])
+    return body
+
+
+def _labels(emb_uri: str) -> dict[int, int] | None:
+    import pyarrow.parquet as pq
+
+    loc = Location(emb_uri)
+    m = read_manifest(emb_uri)
+    ids, labels = [], []
+    for f in m["files"]:
+        with loc.fs.open(loc.join(f["path"]), "rb") as fh:
+            t = pq.read_table(fh, columns=["id", "label"])
+        ids.append(t["id"].to_numpy())
+        labels.append(t["label"].fill_null(-1).to_numpy(zero_copy_only=False))
+    lab = np.concatenate(labels).astype(np.int64)
+    if (lab < 0).all():
+        return None
+    return dict(zip(np.concatenate(ids).tolist(), lab.tolist(), strict=True))

@@ -1,0 +1,67 @@
+"""`sepp mine` end to end: (embed, reusing a matching earlier embedding) -> search -> manifest."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from typing import Any
+
+from sepp_ray.errors import SeppError
+from sepp_ray.mining.embed import EMB_DIR, embed
+from sepp_ray.mining.encoder import EncoderConfig, load_encoder
+from sepp_ray.mining.mine import MineConfig, mine
+from sepp_ray.storage import Location, begin_write, finish_write, read_manifest
+
+log = logging.getLogger(__name__)
+
+
+def _reusable(emb_uri: str, dataset_uri: str, identity: str, splits: list[str]) -> bool:
+    """A complete embedding of the same dataset content, encoder and splits."""
+    try:
+        m = read_manifest(emb_uri)
+        ds = read_manifest(dataset_uri)
+    except SeppError:
+        return False
+    return (
+        m.get("kind") == "embeddings"
+        and m["encoder"]["identity"] == identity
+        and m["dataset"]["uri"] == dataset_uri
+        and m["dataset"]["fingerprint"] == ds.get("source", {}).get("fingerprint")
+        and m["splits"] == splits
+    )
+
+
+def mine_command(
+    input_uri: str,
+    out_uri: str,
+    encoder: EncoderConfig,
+    cfg: MineConfig,
+    *,
+    splits: list[str],
+    actors: int | None,
+    overwrite: bool,
+    config: dict[str, Any],
+) -> dict[str, Any]:
+    cfg.validate()  # bad thresholds etc. fail before anything is read or written
+    kind = read_manifest(input_uri).get("kind")
+    if kind == "embeddings":
+        loc = begin_write(out_uri, overwrite=overwrite)
+        emb_uri = input_uri
+    elif kind == "images":
+        emb_uri = Location(out_uri).child(EMB_DIR).uri
+        _, _, identity = load_encoder(encoder)
+        present = list(read_manifest(input_uri)["splits"])
+        chosen = [s for s in splits if s in present] or present
+        reuse = _reusable(emb_uri, input_uri, identity, chosen)
+        loc = begin_write(out_uri, overwrite=overwrite, keep=(EMB_DIR,) if reuse else ())
+        if reuse:
+            log.info("reusing embeddings in %s (same dataset, encoder and splits)", emb_uri)
+        else:
+            embed(input_uri, emb_uri, encoder, splits=chosen, actors=actors, overwrite=True)
+    else:
+        raise SeppError(f"{input_uri} is a {kind!r} output: give an image dataset or embeddings")
+    body = mine(emb_uri, loc, cfg)
+    body["command_config"] = config
+    body["encoder_config"] = asdict(encoder)
+    finish_write(loc, body)
+    return body
