@@ -92,17 +92,22 @@ class EmbedConfig:
     out: str = opt("", "output URI of the embeddings")
     splits: list[str] = opt([], "splits to embed, comma-separated (default: all)")
     actors: int | None = opt(None, "embedding actors (default: one per GPU, else up to 4 CPU)")
+    rows_per_file: int = opt(100_000, "embeddings per Parquet file (the unit of key sharding)")
     overwrite: bool = opt(False, "replace a complete output already at `out`")
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
 
 
 @dataclass
 class MineCommandConfig:
-    input: str = opt("", "an image dataset (embedded first, into OUT/embeddings) or an "
-                         "embeddings location (the output of `sepp embed`)")
+    input: str = opt(
+        "",
+        "an image dataset (embedded first, into OUT/embeddings) or an "
+        "embeddings location (the output of `sepp embed`)",
+    )
     out: str = opt("", "output URI of the pairs")
     splits: list[str] = opt(["train"], "splits to mine when the input is an image dataset")
     actors: int | None = opt(None, "embedding actors (default: one per GPU, else up to 4 CPU)")
+    rows_per_file: int = opt(100_000, "embeddings per Parquet file (the unit of key sharding)")
     overwrite: bool = opt(False, "replace a complete output already at `out`")
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     mining: MineConfig = field(default_factory=MineConfig)
@@ -121,10 +126,19 @@ def run_embed(c: EmbedConfig) -> int:
 
     if not c.dataset or not c.out:
         raise SeppError("embed needs DATASET and OUT (see `sepp embed --help`)")
-    m = embed(c.dataset, c.out, c.encoder, splits=c.splits or None, actors=c.actors,
-              overwrite=c.overwrite)
-    print(f"embedded {m['num_embeddings']} images ({m['dim']}-d, {m['encoder']['identity']}) "
-          f"into {c.out}")
+    m = embed(
+        c.dataset,
+        c.out,
+        c.encoder,
+        splits=c.splits or None,
+        actors=c.actors,
+        overwrite=c.overwrite,
+        rows_per_file=c.rows_per_file,
+    )
+    print(
+        f"embedded {m['num_embeddings']} images ({m['dim']}-d, {m['encoder']['identity']}) "
+        f"into {c.out}"
+    )
     return 0
 
 
@@ -133,12 +147,24 @@ def run_mine(c: MineCommandConfig) -> int:
 
     if not c.input or not c.out:
         raise SeppError("mine needs INPUT and OUT (see `sepp mine --help`)")
-    m = mine_command(c.input, c.out, c.encoder, c.mining, splits=c.splits, actors=c.actors,
-                     overwrite=c.overwrite, config=cfg.to_dict(c))
+    m = mine_command(
+        c.input,
+        c.out,
+        c.encoder,
+        c.mining,
+        splits=c.splits,
+        actors=c.actors,
+        overwrite=c.overwrite,
+        config=cfg.to_dict(c),
+        rows_per_file=c.rows_per_file,
+    )
     prec = (m.get("precision") or {}).get("overall")
-    print(f"mined {m['num_pairs']} pairs for {m['anchors_with_positive']} of {m['k']} anchors "
-          f"(N={m['n']}, [{m['lo']}, {m['hi']}]"
-          + (f", pair precision {prec:.3f}" if prec is not None else "") + f") into {c.out}")
+    print(
+        f"mined {m['num_pairs']} pairs for {m['anchors_with_positive']} of {m['k']} anchors "
+        f"(N={m['n']}, [{m['lo']}, {m['hi']}]"
+        + (f", pair precision {prec:.3f}" if prec is not None else "")
+        + f") into {c.out}"
+    )
     return 0
 
 

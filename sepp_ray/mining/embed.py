@@ -45,6 +45,7 @@ def embed(
     splits: list[str] | None = None,
     actors: int | None = None,
     overwrite: bool = False,
+    rows_per_file: int = 100_000,
 ) -> dict[str, Any]:
     """Embed the images of ``splits`` (all when None); returns the manifest written."""
     import ray
@@ -85,7 +86,8 @@ def embed(
         num_cpus=1 if not gpus else 2,
     )
     fs, _ = filesystem(out_uri)
-    rds.write_parquet(loc.join(EMB_DIR), filesystem=fs)
+    # files are the unit of key sharding in `sepp mine shard_keys=S`
+    rds.write_parquet(loc.join(EMB_DIR), filesystem=fs, max_rows_per_file=rows_per_file)
     files = sorted(p for p in fs.ls(loc.join(EMB_DIR), detail=False) if p.endswith(".parquet"))
     rows = [pq.ParquetFile(fs.open(p, "rb")).metadata.num_rows for p in files]
     if sum(rows) != n_expected:

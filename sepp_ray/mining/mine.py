@@ -148,7 +148,14 @@ def run_search(emb_uri: str, cfg: MineConfig) -> tuple[np.ndarray, Pairs, list[d
     init_ray()
     gpus = int(ray.cluster_resources().get("GPU", 0))
     options: dict[str, Any] = {"nprobe": cfg.nprobe} if cfg.backend == "faiss-ivf" else {}
-    actor_cls = ray.remote(SearchWorker).options(num_gpus=1 if gpus else 0, num_cpus=1)
+    cpus = float(ray.cluster_resources().get("CPU", 1))
+
+    def actor_cls(n_actors: int) -> Any:
+        # On a CPU cluster smaller than the actor count, share CPUs rather than wait forever
+        # for actors that can never be placed.
+        share = 1.0 if gpus else min(1.0, cpus / n_actors)
+        return ray.remote(SearchWorker).options(num_gpus=1 if gpus else 0, num_cpus=share)
+
     n_files = len(manifest["files"])
     if cfg.shard_keys:
         shards = min(cfg.shard_keys, n_files)
@@ -160,7 +167,7 @@ def run_search(emb_uri: str, cfg: MineConfig) -> tuple[np.ndarray, Pairs, list[d
                 shards,
             )
         workers = [
-            actor_cls.remote(emb_uri, cfg.backend, list(range(s, n_files, shards)), options)
+            actor_cls(shards).remote(emb_uri, cfg.backend, list(range(s, n_files, shards)), options)
             for s in range(shards)
         ]
         anchor_vecs, _ = load_embeddings(emb_uri, ids=anchors)
@@ -170,7 +177,7 @@ def run_search(emb_uri: str, cfg: MineConfig) -> tuple[np.ndarray, Pairs, list[d
         cands = merge_shard_results([r[0] for r in results], cfg.m, anchors)
     else:
         n_workers = min(cfg.workers or max(1, gpus), len(anchors))
-        workers = [actor_cls.remote(emb_uri, cfg.backend, None, options) for _ in range(n_workers)]
+        workers = [actor_cls(n_workers).remote(emb_uri, cfg.backend, None, options) for _ in range(n_workers)]
         chunks = np.array_split(anchors, n_workers)
         futures = [
             w.search.remote(c, None, cfg.hi, cfg.m, cfg.dup_eps)

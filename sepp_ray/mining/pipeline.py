@@ -41,6 +41,7 @@ def mine_command(
     actors: int | None,
     overwrite: bool,
     config: dict[str, Any],
+    rows_per_file: int = 100_000,
 ) -> dict[str, Any]:
     cfg.validate()  # bad thresholds etc. fail before anything is read or written
     kind = read_manifest(input_uri).get("kind")
@@ -57,7 +58,15 @@ def mine_command(
         if reuse:
             log.info("reusing embeddings in %s (same dataset, encoder and splits)", emb_uri)
         else:
-            embed(input_uri, emb_uri, encoder, splits=chosen, actors=actors, overwrite=True)
+            embed(
+                input_uri,
+                emb_uri,
+                encoder,
+                splits=chosen,
+                actors=actors,
+                overwrite=True,
+                rows_per_file=rows_per_file,
+            )
     else:
         raise SeppError(f"{input_uri} is a {kind!r} output: give an image dataset or embeddings")
     body = mine(emb_uri, loc, cfg)

@@ -1,0 +1,223 @@
+"""The semantic sampler on the session's Ray cluster: embed -> mine -> pairs + manifest."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from sepp_ray.data.ingest import ingest
+from sepp_ray.data.sources import SourceOptions, open_source
+from sepp_ray.errors import IncompleteError, SeppError
+from sepp_ray.mining.embed import embed, load_embeddings
+from sepp_ray.mining.encoder import EncoderConfig
+from sepp_ray.mining.mine import MineConfig
+from sepp_ray.mining.pairs_report import read_pairs, write_report
+from sepp_ray.mining.pipeline import mine_command
+from sepp_ray.mining.search import search_numpy
+from sepp_ray.storage import begin_write, finish_write, read_manifest
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+REPO = Path(__file__).resolve().parents[1]
+ENC = EncoderConfig(name="resnet18", cifar_stem=True, image_size=16, batch_size=64)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory, ray_cluster: str) -> str:
+    uri = str(tmp_path_factory.mktemp("mining") / "syn")
+    ingest(open_source("synthetic", options=SourceOptions(n=240, size=16, chunk_size=60)), uri)
+    return uri
+
+
+@pytest.fixture(scope="module")
+def embeddings(images: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    uri = str(tmp_path_factory.mktemp("mining") / "emb")
+    embed(images, uri, ENC, splits=["train"], rows_per_file=50)
+    return uri
+
+
+def _band(emb_uri: str) -> tuple[float, float]:
+    """Thresholds that accept a good share of nearest neighbours (random-init features)."""
+    v, _ = load_embeddings(emb_uri)
+    s = v.vecs @ v.vecs.T
+    np.fill_diagonal(s, -1)
+    top = np.unique(s.max(1))
+    i, j = len(top) // 4, len(top) - len(top) // 10
+    # midpoints between neighbouring values: no similarity sits on a threshold, where float
+    # rounding of different backends could legitimately disagree
+    return float((top[i] + top[i - 1]) / 2), float((top[j] + top[j - 1]) / 2)
+
+
+def _mine(src: str, out: str, **kw: object) -> dict:
+    cfg = MineConfig(**kw)  # type: ignore[arg-type]
+    return mine_command(src, out, ENC, cfg, splits=["train"], actors=None, overwrite=False,
+                        config={})
+
+
+def test_embeddings_are_unit_norm_with_labels(embeddings: str, images: str) -> None:
+    m = read_manifest(embeddings)
+    assert m["kind"] == "embeddings" and m["dim"] == 512
+    assert m["encoder"]["identity"].startswith("random-init:resnet18:cifar_stem=True")
+    v, labels = load_embeddings(embeddings)
+    assert len(v) == m["num_embeddings"] == read_manifest(images)["splits"]["train"]["total"]
+    np.testing.assert_allclose(np.linalg.norm(v.vecs, axis=1), 1.0, atol=1e-5)
+    assert (labels >= 0).all() and len(m["files"]) >= 3
+
+
+def test_pairs_match_the_numpy_reference(embeddings: str, tmp_path: Path) -> None:
+    lo, hi = _band(embeddings)
+    m = _mine(embeddings, str(tmp_path / "p"), lo=lo, hi=hi, k=0.5, m=2, seed=3)
+    t = read_pairs(str(tmp_path / "p")).to_pydict()
+    assert m["num_pairs"] == len(t["anchor_id"]) > 0
+    assert pa.schema(read_pairs(str(tmp_path / "p")).schema).field("similarity").type == pa.float32()
+    v, _ = load_embeddings(embeddings)
+    from sepp_ray.mining.anchors import choose_anchors
+
+    anchors = choose_anchors(v.ids, 0.5, 3)
+    ref = search_numpy(v.take(np.searchsorted(v.ids, anchors)), v, lo, hi, 2)
+    assert t["anchor_id"] == ref.anchor_id.tolist()
+    assert t["positive_id"] == ref.positive_id.tolist()
+    np.testing.assert_allclose(t["similarity"], ref.similarity, atol=1e-3)
+    assert all(a != p for a, p in zip(t["anchor_id"], t["positive_id"], strict=True))
+    assert all(lo <= s <= hi for s in t["similarity"])
+    assert max(np.bincount(np.unique(t["anchor_id"], return_inverse=True)[1])) <= 2
+    assert m["k"] == len(anchors) and m["n"] == len(v)
+    assert 0.0 <= m["precision"]["overall"] <= 1.0 and m["precision"]["per_class"]
+    assert sum(m["similarity_histogram"]["pairs"]) == m["num_pairs"]
+    assert m["workers"][0]["node"]
+
+
+def test_sharded_keys_equal_replicated(embeddings: str, tmp_path: Path) -> None:
+    lo, hi = _band(embeddings)
+    _mine(embeddings, str(tmp_path / "rep"), lo=lo, hi=hi, m=3, workers=2)
+    ms = _mine(embeddings, str(tmp_path / "sh"), lo=lo, hi=hi, m=3, shard_keys=3)
+    assert len(ms["workers"]) == 3 and {w["keys"] for w in ms["workers"]} != {ms["n"]}
+    assert read_pairs(str(tmp_path / "rep")).equals(read_pairs(str(tmp_path / "sh")))
+
+
+def test_mine_from_images_reuses_embeddings_and_writes_to_s3(images: str, bucket: str) -> None:
+    out = f"{bucket}/pairs/run1"
+    m1 = _mine(images, out, lo=-1.0, hi=0.999, k=20, m=1)
+    assert m1["num_pairs"] == 20 and read_manifest(f"{out}/embeddings")["kind"] == "embeddings"
+    emb_before = read_manifest(f"{out}/embeddings")["created_unix"]
+    # a second run into a fresh manifest-less state (as after a crash) reuses the embeddings
+    from sepp_ray.storage import Location
+
+    Location(out).fs.rm(Location(out).join("manifest.json"))
+    Location(out).write_bytes("_SEPP_WRITING", b"{}")
+    m2 = _mine(images, out, lo=-1.0, hi=0.999, k=20, m=1)
+    assert read_manifest(f"{out}/embeddings")["created_unix"] == emb_before
+    assert m2["num_pairs"] == 20
+
+
+def test_zero_pairs_is_a_warning_recorded_in_the_manifest(embeddings: str, tmp_path: Path
+                                                          ) -> None:
+    m = _mine(embeddings, str(tmp_path / "z"), lo=0.9999, hi=0.99995, k=10)
+    assert m["num_pairs"] == 0
+    assert "Relax the lower threshold" in m["warning"]
+    assert read_manifest(str(tmp_path / "z"))["warning"] == m["warning"]
+
+
+@pytest.mark.parametrize(
+    "kw,message",
+    [
+        ({"lo": 0.99, "hi": 0.96}, "lo"),
+        ({"lo": -1.5, "hi": 0.9}, "[-1, 1]"),
+        ({"k": 10_000}, "K"),
+        ({"k": 0}, "K"),
+        ({"m": 0}, "m=0"),
+    ],
+)
+def test_bad_mining_parameters(embeddings: str, tmp_path: Path, kw: dict, message: str) -> None:
+    with pytest.raises(SeppError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        _mine(embeddings, str(tmp_path / "bad"), **kw)
+    assert not (tmp_path / "bad" / "manifest.json").exists()
+
+
+def _fake_embeddings(uri: str, vecs: np.ndarray) -> None:
+    loc = begin_write(uri)
+    dim = vecs.shape[1] if vecs.ndim == 2 else 4
+    t = pa.table({"id": np.arange(len(vecs), dtype=np.int64),
+                  "label": pa.array([0] * len(vecs), pa.int32()),
+                  "embedding": pa.FixedSizeListArray.from_arrays(
+                      pa.array(vecs.reshape(-1).astype(np.float32)), dim)})
+    loc.fs.makedirs(loc.join("embeddings"), exist_ok=True)
+    pq.write_table(t, loc.join("embeddings/a.parquet"))
+    finish_write(loc, {"kind": "embeddings", "num_embeddings": len(vecs), "dim": dim,
+                       "encoder": {"identity": "fake"}, "dataset": {"uri": "x", "classes": []},
+                       "files": [{"path": "embeddings/a.parquet", "rows": len(vecs)}]})
+
+
+def test_nan_and_empty_embeddings_are_errors(tmp_path: Path) -> None:
+    v = np.random.default_rng(0).normal(size=(20, 4)).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    v[3, 1] = np.nan
+    _fake_embeddings(str(tmp_path / "nan"), v)
+    with pytest.raises(SeppError, match="NaN"):
+        _mine(str(tmp_path / "nan"), str(tmp_path / "o1"), k=5)
+    _fake_embeddings(str(tmp_path / "empty"), np.zeros((0, 4), np.float32))
+    with pytest.raises(SeppError, match="no embeddings|empty"):
+        _mine(str(tmp_path / "empty"), str(tmp_path / "o2"))
+
+
+def test_checkpoint_of_another_architecture_is_a_clear_error(images: str, tmp_path: Path
+                                                             ) -> None:
+    from sepp_ray.models.backbones import create_backbone
+
+    model, _ = create_backbone("resnet18", cifar_stem=True)
+    torch.save(model.state_dict(), tmp_path / "r18.pt")
+    bad = EncoderConfig(name="resnet34", cifar_stem=True, checkpoint=str(tmp_path / "r18.pt"))
+    with pytest.raises(SeppError, match="do not fit architecture resnet34"):
+        embed(images, str(tmp_path / "e"), bad)
+    assert not (tmp_path / "e").exists()
+    good = EncoderConfig(name="resnet18", cifar_stem=True, image_size=16,
+                         checkpoint=str(tmp_path / "r18.pt"))
+    m = embed(images, str(tmp_path / "e2"), good, splits=["test"])
+    assert m["encoder"]["identity"].startswith("state-dict:resnet18")
+
+
+def test_pairs_report_writes_pictures(embeddings: str, tmp_path: Path) -> None:
+    lo, hi = _band(embeddings)
+    _mine(embeddings, str(tmp_path / "p"), lo=lo, hi=hi, m=3)
+    files = write_report(str(tmp_path / "p"), str(tmp_path / "rep"))
+    names = {Path(f).name for f in files}
+    assert names == {"pairs_grid.png", "similarity_histogram.png",
+                     "precision_vs_threshold.png", "report.md"}
+    from PIL import Image
+
+    with Image.open(tmp_path / "rep" / "pairs_grid.png") as im:
+        assert im.size[0] > 64 * 3
+    assert "pair precision" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_killed_mining_is_not_readable_and_a_rerun_completes(
+    images: str, tmp_path: Path, ray_cluster: str
+) -> None:
+    out = tmp_path / "killed"
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "sepp_ray.cli", "mine", images, str(out),
+           "encoder.name=resnet18", "encoder.cifar_stem=true", "encoder.image_size=16",
+           "encoder.batch_size=8", "mining.lo=-1", "mining.k=30"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "embeddings").exists():
+        time.sleep(0.1)
+    assert (out / "embeddings").exists(), "mining never started"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    with pytest.raises(IncompleteError):
+        read_pairs(str(out))
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((out / "manifest.json").read_text())["num_pairs"] == 30
