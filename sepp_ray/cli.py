@@ -23,6 +23,7 @@ from sepp_ray.data.sources import FORMATS, SourceOptions
 from sepp_ray.errors import SeppError
 from sepp_ray.mining.encoder import EncoderConfig
 from sepp_ray.mining.mine import MineConfig
+from sepp_ray.train.driver import PretrainConfig
 
 log = logging.getLogger("sepp")
 
@@ -180,6 +181,17 @@ def run_pairs_report(c: PairsReportConfig) -> int:
     return 0
 
 
+def run_pretrain(c: Any) -> int:
+    from sepp_ray.train.driver import pretrain
+
+    m = pretrain(c)
+    fm = m.get("final_metrics") or {}
+    knn = f", kNN top-1 {fm['knn_top1']:.3f}" if "knn_top1" in fm else ""
+    print(f"pretrained {c.method} for {m['epochs']} epochs ({m['items']}) in "
+          f"{m['wall_seconds']:.0f} s{knn}; checkpoint: {m['final_checkpoint']}")
+    return 0
+
+
 @dataclass(frozen=True)
 class Command:
     config_cls: type
@@ -216,6 +228,13 @@ COMMANDS: dict[str, Command] = {
         run_mine,
         ("input", "out"),
         "mine semantic positive pairs (embeds first when given images)",
+        ("overwrite",),
+    ),
+    "pretrain": Command(
+        PretrainConfig,
+        run_pretrain,
+        ("dataset", "out"),
+        "SSL pretraining with semantic positive pairs on Ray Train",
         ("overwrite",),
     ),
     "pairs-report": Command(

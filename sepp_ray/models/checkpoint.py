@@ -49,14 +49,19 @@ def save_backbone(
     meta: BackboneMeta,
     extra: dict[str, Any] | None = None,
     overwrite: bool = False,
+    files: dict[str, bytes] | None = None,
 ) -> str:
-    """Write a complete checkpoint location; returns the sha256 of the weights file."""
+    """Write a complete checkpoint location (plus any extra ``files``, written before the
+    manifest); returns the sha256 of the weights file."""
     data = state_dict_bytes(backbone)
     digest = hashlib.sha256(data).hexdigest()
     loc = begin_write(uri, overwrite=overwrite)
     loc.write_bytes(BACKBONE_FILE, data)
-    finish_write(loc, {"kind": "checkpoint", "backbone": asdict(meta), "sha256": digest,
-                       **(extra or {})})
+    for name, blob in (files or {}).items():
+        loc.write_bytes(name, blob)
+    finish_write(
+        loc, {"kind": "checkpoint", "backbone": asdict(meta), "sha256": digest, **(extra or {})}
+    )
     return digest
 
 
@@ -86,8 +91,10 @@ def load_into(module: nn.Module, state: dict[str, torch.Tensor], arch: str, wher
             parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
         if wrong:
             k = wrong[0]
-            parts.append(f"{len(wrong)} of another shape (e.g. {k}: "
-                         f"{tuple(state[k].shape)} vs {tuple(own[k].shape)})")
+            parts.append(
+                f"{len(wrong)} of another shape (e.g. {k}: "
+                f"{tuple(state[k].shape)} vs {tuple(own[k].shape)})"
+            )
         raise SeppError(
             f"the weights in {where} do not fit architecture {arch}: {'; '.join(parts)}. "
             "Name the architecture the weights were trained with (and cifar_stem)."
@@ -101,8 +108,14 @@ def load_backbone(uri: str) -> tuple[nn.Module, BackboneMeta, str]:
     if manifest.get("kind") != "checkpoint":
         raise SeppError(f"{uri} is a {manifest.get('kind')!r} output, not a checkpoint")
     b = manifest["backbone"]
-    meta = BackboneMeta(b["name"], bool(b["cifar_stem"]), int(b["feat_dim"]),
-                        int(b["image_size"]), tuple(b["mean"]), tuple(b["std"]))
+    meta = BackboneMeta(
+        b["name"],
+        bool(b["cifar_stem"]),
+        int(b["feat_dim"]),
+        int(b["image_size"]),
+        tuple(b["mean"]),
+        tuple(b["std"]),
+    )
     fs, path = filesystem(uri)
     with fs.open(f"{path}/{BACKBONE_FILE}", "rb") as f:
         data = f.read()

@@ -36,13 +36,21 @@ class PairsConfig:
     """How mined or curated pairs enter training."""
 
     pairs: str | None = opt(None, "pairs location (the output of `sepp mine`); none: plain method")
-    mode: str = opt("dataset", "dataset: pair items added to the originals (SePP-CID); "
-                               "multi_positive: positives in the loss; both; none")
-    curated: str | None = opt(None, "a Parquet table of curated pairs: columns image_a, "
-                                    "image_b holding image ids of the dataset")
+    mode: str = opt(
+        "dataset",
+        "dataset: pair items added to the originals (SePP-CID); "
+        "multi_positive: positives in the loss; both; none",
+    )
+    curated: str | None = opt(
+        None,
+        "a Parquet table of curated pairs: columns image_a, "
+        "image_b holding image ids of the dataset",
+    )
     curated_only: bool = opt(False, "train on the curated pairs alone, without the originals")
-    augmentation_pairs: bool = opt(False, "AP baseline: replace each semantic pair item by an "
-                                          "item of one image twice (same count)")
+    augmentation_pairs: bool = opt(
+        False,
+        "AP baseline: replace each semantic pair item by an item of one image twice (same count)",
+    )
     max_positives: int = opt(4, "multi_positive: positives kept per image")
 
     def validate(self) -> None:
@@ -70,8 +78,9 @@ def check_ids(name: str, wanted: np.ndarray, known: np.ndarray) -> None:
         )
 
 
-def build_items(images: pa.Table, pairs: pa.Table | None, cfg: PairsConfig,
-                curated: pa.Table | None = None) -> tuple[pa.Table, dict[str, Any]]:
+def build_items(
+    images: pa.Table, pairs: pa.Table | None, cfg: PairsConfig, curated: pa.Table | None = None
+) -> tuple[pa.Table, dict[str, Any]]:
     """images (id, image, ...) + pairs (anchor_id, positive_id) -> items table and counts."""
     cfg.validate()
     ids = images["id"].to_numpy()
@@ -95,49 +104,84 @@ def build_items(images: pa.Table, pairs: pa.Table | None, cfg: PairsConfig,
     parts: list[dict[str, Any]] = []
     counts = {"original": 0, "semantic": 0, "curated": 0, "augmentation": 0}
     if not cfg.curated_only:
-        pos = _positives(a, p, cfg.max_positives) if cfg.mode in ("multi_positive", "both") \
-            else {}
-        parts.append({"item_id": ids, "image": blobs, "image2": blobs,
-                      "kind": np.full(len(ids), ORIGINAL, np.int8),
-                      "pos_ids": [pos.get(int(i), []) for i in ids]})
+        pos = _positives(a, p, cfg.max_positives) if cfg.mode in ("multi_positive", "both") else {}
+        parts.append(
+            {
+                "item_id": ids,
+                "image": blobs,
+                "image2": blobs,
+                "kind": np.full(len(ids), ORIGINAL, np.int8),
+                "pos_ids": [pos.get(int(i), []) for i in ids],
+            }
+        )
         counts["original"] = len(ids)
     if use_pairs and cfg.mode in ("dataset", "both") and len(a):
         if cfg.augmentation_pairs:
             item = np.array([derived_id("ap", x, y) for x, y in zip(a, p, strict=True)])
-            parts.append({"item_id": item, "image": take(a), "image2": take(a),
-                          "kind": np.full(len(a), AUGMENTATION, np.int8),
-                          "pos_ids": [[] for _ in a]})
+            parts.append(
+                {
+                    "item_id": item,
+                    "image": take(a),
+                    "image2": take(a),
+                    "kind": np.full(len(a), AUGMENTATION, np.int8),
+                    "pos_ids": [[] for _ in a],
+                }
+            )
             counts["augmentation"] = len(a)
         else:
             item = np.array([derived_id("sp", x, y) for x, y in zip(a, p, strict=True)])
-            parts.append({"item_id": item, "image": take(a), "image2": take(p),
-                          "kind": np.full(len(a), SEMANTIC, np.int8),
-                          "pos_ids": [[] for _ in a]})
+            parts.append(
+                {
+                    "item_id": item,
+                    "image": take(a),
+                    "image2": take(p),
+                    "kind": np.full(len(a), SEMANTIC, np.int8),
+                    "pos_ids": [[] for _ in a],
+                }
+            )
             counts["semantic"] = len(a)
     if curated is not None:
         for col in ("image_a", "image_b"):
             if col not in curated.column_names:
-                raise SeppError(f"the curated pairs table needs columns image_a, image_b "
-                                f"(image ids); it has {curated.column_names}")
+                raise SeppError(
+                    f"the curated pairs table needs columns image_a, image_b "
+                    f"(image ids); it has {curated.column_names}"
+                )
         ca = curated["image_a"].to_numpy().astype(np.int64)
         cb = curated["image_b"].to_numpy().astype(np.int64)
         check_ids("the curated pairs", np.concatenate([ca, cb]), sorted_ids)
         item = np.array([derived_id("cp", x, y) for x, y in zip(ca, cb, strict=True)])
-        parts.append({"item_id": item, "image": take(ca), "image2": take(cb),
-                      "kind": np.full(len(ca), CURATED, np.int8), "pos_ids": [[] for _ in ca]})
+        parts.append(
+            {
+                "item_id": item,
+                "image": take(ca),
+                "image2": take(cb),
+                "kind": np.full(len(ca), CURATED, np.int8),
+                "pos_ids": [[] for _ in ca],
+            }
+        )
         counts["curated"] = len(ca)
     if not parts or sum(counts.values()) == 0:
         raise SeppError("no training items: the dataset split is empty and no pairs were given")
-    tables = [pa.table({"item_id": pa.array(x["item_id"], pa.int64()),
-                        "image": x["image"], "image2": x["image2"],
-                        "kind": pa.array(x["kind"], pa.int8()),
-                        "pos_ids": pa.array(x["pos_ids"], pa.list_(pa.int64()))})
-              for x in parts]
+    tables = [
+        pa.table(
+            {
+                "item_id": pa.array(x["item_id"], pa.int64()),
+                "image": x["image"],
+                "image2": x["image2"],
+                "kind": pa.array(x["kind"], pa.int8()),
+                "pos_ids": pa.array(x["pos_ids"], pa.list_(pa.int64())),
+            }
+        )
+        for x in parts
+    ]
     table = pa.concat_tables([t.cast(tables[0].schema) for t in tables])
     uniq = len(np.unique(table["item_id"].to_numpy()))
     if uniq != table.num_rows:
-        raise SeppError(f"{table.num_rows - uniq} training items repeat: the pairs table has "
-                        "duplicate rows; deduplicate it")
+        raise SeppError(
+            f"{table.num_rows - uniq} training items repeat: the pairs table has "
+            "duplicate rows; deduplicate it"
+        )
     return table, counts
 
 

@@ -1,0 +1,81 @@
+"""Pretraining checkpoints on object storage: every one is a complete backbone checkpoint
+(usable at once by `sepp mine` and `sepp eval`) plus the training state to resume from.
+
+Layout under a run's output: ``checkpoints/epoch-00010/`` (manifest written last, so a crash
+mid-write leaves nothing that looks complete), the newest ``keep`` of them kept.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+from typing import Any
+
+import torch
+
+from sepp_ray.models.checkpoint import BackboneMeta, save_backbone
+from sepp_ray.storage import Location, read_manifest
+
+log = logging.getLogger(__name__)
+STATE_FILE = "train_state.pt"
+CKPT_DIR = "checkpoints"
+_NAME = re.compile(r"^epoch-(\d{5})$")
+
+
+def checkpoint_uri(out_uri: str, epoch: int) -> str:
+    return Location(out_uri).child(CKPT_DIR, f"epoch-{epoch:05d}").uri
+
+
+def save_training_checkpoint(
+    out_uri: str,
+    epoch: int,
+    backbone: torch.nn.Module,
+    meta: BackboneMeta,
+    state: dict[str, Any],
+    info: dict[str, Any],
+    keep: int,
+) -> str:
+    """Write epoch ``epoch``'s checkpoint (rank 0 only), then prune to the newest ``keep``."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    uri = checkpoint_uri(out_uri, epoch)
+    save_backbone(
+        uri,
+        backbone,
+        meta,
+        extra={"epoch": epoch, **info},
+        overwrite=True,
+        files={STATE_FILE: buf.getvalue()},
+    )
+    complete = list_checkpoints(out_uri)
+    for old_epoch, old_uri in complete[:-keep] if keep > 0 else []:
+        loc = Location(old_uri)
+        loc.fs.rm(loc.path, recursive=True)
+        log.info("pruned checkpoint of epoch %d", old_epoch)
+    return uri
+
+
+def list_checkpoints(out_uri: str) -> list[tuple[int, str]]:
+    """(epoch, uri) of the complete checkpoints, oldest first."""
+    base = Location(out_uri).child(CKPT_DIR)
+    found = []
+    for name in base.listdir():
+        m = _NAME.match(name)
+        if m and base.child(name).exists("manifest.json"):
+            found.append((int(m.group(1)), base.child(name).uri))
+    return sorted(found)
+
+
+def latest_checkpoint(out_uri: str) -> tuple[int, str] | None:
+    found = list_checkpoints(out_uri)
+    return found[-1] if found else None
+
+
+def load_training_state(uri: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the saved training state, the checkpoint manifest)."""
+    manifest = read_manifest(uri)
+    loc = Location(uri)
+    with loc.fs.open(loc.join(STATE_FILE), "rb") as f:
+        state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=False)
+    return state, manifest

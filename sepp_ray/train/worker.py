@@ -1,0 +1,248 @@
+"""The per-worker training loop that Ray Train runs on every rank.
+
+Every rank builds the same method, resumes from the newest complete checkpoint when one exists
+(after a lost worker, or a re-run after a crash), trains its shard of the items and calls
+``ray.train.report`` once per epoch, so all ranks report the same number of times. Only rank 0
+writes files: checkpoints, TensorBoard logs. The models and losses know nothing of this module.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def _features(
+    method: torch.nn.Module,
+    images: np.ndarray,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    device: torch.device,
+    batch: int = 512,
+) -> torch.Tensor:
+    """Backbone features of un-augmented uint8 images (N x S x S x 3), eval mode."""
+    was_training = method.training
+    method.eval()
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(images), batch):
+            x = torch.from_numpy(images[i : i + batch]).to(device).permute(0, 3, 1, 2).float()
+            x = (x / 255.0 - mean) / std
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                out.append(method(x).float())
+    method.train(was_training)
+    return torch.cat(out)
+
+
+def knn_monitor(
+    method: torch.nn.Module,
+    monitor: dict[str, np.ndarray],
+    num_classes: int,
+    k: int,
+    device: torch.device,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+) -> dict[str, float]:
+    from sepp_ray.eval.knn import knn_classify
+
+    tr = _features(method, monitor["train_images"], mean, std, device)
+    te = _features(method, monitor["test_images"], mean, std, device)
+    return knn_classify(
+        tr,
+        torch.from_numpy(monitor["train_labels"]).to(device),
+        te,
+        torch.from_numpy(monitor["test_labels"]).to(device),
+        num_classes,
+        k=min(k, len(tr)),
+    )
+
+
+class _Board:
+    """TensorBoard on rank 0: written locally, copied to object storage after each epoch."""
+
+    def __init__(self, out_uri: str) -> None:
+        from tensorboardX import SummaryWriter
+
+        from sepp_ray.storage import filesystem, is_remote
+
+        self.remote = is_remote(out_uri)
+        self.fs, base = filesystem(out_uri)
+        self.target = f"{base}/tensorboard"
+        self.dir = tempfile.mkdtemp(prefix="sepp-tb-") if self.remote else self.target
+        self.writer = SummaryWriter(self.dir)
+
+    def log(self, metrics: dict[str, float], epoch: int) -> None:
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and np.isfinite(value):
+                self.writer.add_scalar(key, value, epoch)
+        self.writer.flush()
+        if self.remote:
+            self.fs.put(self.dir + "/", self.target + "/", recursive=True)
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Ray Train's ``train_loop_per_worker``."""
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as tdist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from sepp_ray import dist
+    from sepp_ray.data.augment import GPUAugment
+    from sepp_ray.data.recipes import get_recipe
+    from sepp_ray.methods import create_method
+    from sepp_ray.models.checkpoint import BackboneMeta
+    from sepp_ray.train.optim import build_optimizer
+    from sepp_ray.train.state import (
+        latest_checkpoint,
+        load_training_state,
+        save_training_checkpoint,
+    )
+    from sepp_ray.train.step import (
+        NonFiniteLossError,
+        StepConfig,
+        Trainer,
+        prepare_loss_module,
+        rng_state,
+        seed_everything,
+        set_rng_state,
+        train_epoch,
+    )
+
+    c = config
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    seed = seed_everything(c["seed"], rank)
+    torch.manual_seed(c["seed"])  # identical initial weights on every rank
+    method = create_method(
+        c["method"], backbone=c["backbone"], cifar_stem=c["cifar_stem"], **c["hparams"]
+    )
+    torch.manual_seed(seed)
+    if c["sync_bn"] and world > 1:
+        method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
+    cuda = device.type == "cuda"
+    channels_last = bool(c["channels_last"]) and cuda
+    loss_module = prepare_loss_module(method, device, channels_last=channels_last)
+    model: torch.nn.Module = loss_module
+    if world > 1:
+        model = DistributedDataParallel(
+            loss_module, device_ids=[device.index] if cuda else None, broadcast_buffers=False
+        )
+    if c["compile"]:
+        model = torch.compile(model)  # type: ignore[assignment]
+    recipe = get_recipe(
+        c["recipe"] or method.default_recipe, c["image_size"], drop=tuple(c["drop_augment"])
+    )
+    augment = GPUAugment(recipe, seed=seed, channels_last=channels_last)
+    optimizer = build_optimizer(c["optimizer"], method, c["lr"], c["weight_decay"])
+    trainer = Trainer(
+        model,
+        method,
+        augment,
+        optimizer,
+        StepConfig(
+            amp=c["amp"],
+            channels_last=channels_last,
+            grad_clip=c["grad_clip"],
+            multi_positive=c["multi_positive"],
+        ),
+        total_steps=c["total_steps"],
+        warmup_steps=c["warmup_steps"],
+        base_lr=c["lr"],
+        final_lr=c["final_lr"],
+    )
+    start_epoch, history = 0, []
+    latest = latest_checkpoint(c["out"])
+    if latest is not None:
+        state, _ = load_training_state(latest[1])
+        method.load_state_dict(state["method"])
+        optimizer.load_state_dict(state["optimizer"])
+        rngs = state["rng"]
+        set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0], augment, device)
+        start_epoch, history = int(state["epoch"]), list(state["history"])
+        if rank == 0:
+            print(f"[sepp] resuming from {latest[1]} (epoch {start_epoch})", flush=True)
+    meta = BackboneMeta(
+        c["backbone"],
+        c["cifar_stem"],
+        method.feat_dim,
+        c["image_size"],
+        tuple(recipe.view1.mean),
+        tuple(recipe.view1.std),
+    )  # type: ignore[arg-type]
+    mean = torch.tensor(meta.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(meta.std, device=device).view(1, 3, 1, 1)
+    monitor = ray.get(c["monitor"]) if c["monitor"] is not None else None
+    board = _Board(c["out"]) if rank == 0 else None
+    shard = ray.train.get_dataset_shard("train")
+    steps_per_epoch = c["steps_per_epoch"]
+    method.train()
+    for epoch in range(start_epoch, c["epochs"]):
+        t0 = time.perf_counter()
+        batches = shard.iter_torch_batches(
+            batch_size=c["local_batch"],
+            drop_last=True,
+            local_shuffle_buffer_size=c["shuffle_buffer"] or None,
+            local_shuffle_seed=c["seed"] * 100_003 + epoch * 101 + rank
+            if c["shuffle_buffer"]
+            else None,
+        )
+        limited = (b for _, b in zip(range(steps_per_epoch), batches))
+        try:
+            stats = train_epoch(trainer, limited, epoch, start_step=epoch * steps_per_epoch)
+        except NonFiniteLossError as e:
+            ray.train.report({"epoch": epoch, "error": str(e)})
+            return
+        if int(stats["steps"]) != steps_per_epoch:
+            raise RuntimeError(f"rank {rank} got {stats['steps']} of {steps_per_epoch} steps")
+        metrics: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "loss": stats["loss"],
+            "lr": stats["lr"],
+            "pairs_per_s": stats["pairs_per_s"] * world,
+            "epoch_seconds": time.perf_counter() - t0,
+        }
+        if monitor is not None and ((epoch + 1) % c["knn_every"] == 0 or epoch + 1 == c["epochs"]):
+            if rank == 0:
+                knn = knn_monitor(method, monitor, c["num_classes"], c["knn_k"], device, mean, std)
+                metrics["knn_top1"], metrics["knn_top5"] = knn["top1"], knn["top5"]
+        history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        save_now = (epoch + 1) % c["checkpoint_every"] == 0 or epoch + 1 == c["epochs"]
+        if save_now:
+            rngs = [rng_state(augment, device)]
+            if dist.is_dist():
+                gathered: list[Any] = [None] * world
+                tdist.all_gather_object(gathered, rngs[0])
+                rngs = gathered
+            if rank == 0:
+                state = {
+                    "method": method.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "rng": rngs,
+                    "epoch": epoch + 1,
+                    "history": history,
+                }
+                save_training_checkpoint(
+                    c["out"],
+                    epoch + 1,
+                    method.backbone,
+                    meta,
+                    state,
+                    {"method": c["method"], "metrics": history[-1]},
+                    keep=c["keep_checkpoints"],
+                )
+            if dist.is_dist():
+                tdist.barrier()
+        if board is not None:
+            board.log(metrics, epoch + 1)
+            shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch")
+            print(f"[sepp] epoch {epoch + 1}/{c['epochs']} {shown}", flush=True)
+        ray.train.report(metrics)
