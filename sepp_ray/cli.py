@@ -21,6 +21,7 @@ from sepp_ray.config import opt
 from sepp_ray.data.ingest import ImageOptions
 from sepp_ray.data.sources import FORMATS, SourceOptions
 from sepp_ray.errors import SeppError
+from sepp_ray.eval.command import EvalConfig
 from sepp_ray.mining.encoder import EncoderConfig
 from sepp_ray.mining.mine import MineConfig
 from sepp_ray.train.driver import PretrainConfig
@@ -187,8 +188,18 @@ def run_pretrain(c: Any) -> int:
     m = pretrain(c)
     fm = m.get("final_metrics") or {}
     knn = f", kNN top-1 {fm['knn_top1']:.3f}" if "knn_top1" in fm else ""
-    print(f"pretrained {c.method} for {m['epochs']} epochs ({m['items']}) in "
-          f"{m['wall_seconds']:.0f} s{knn}; checkpoint: {m['final_checkpoint']}")
+    print(
+        f"pretrained {c.method} for {m['epochs']} epochs ({m['items']}) in "
+        f"{m['wall_seconds']:.0f} s{knn}; checkpoint: {m['final_checkpoint']}"
+    )
+    return 0
+
+
+def run_eval_command(c: Any) -> int:
+    from sepp_ray.eval.command import run_eval
+
+    run_eval(c)
+    print(f"metrics: {c.out}/metrics.md and {c.out}/metrics.json")
     return 0
 
 
@@ -235,6 +246,13 @@ COMMANDS: dict[str, Command] = {
         run_pretrain,
         ("dataset", "out"),
         "SSL pretraining with semantic positive pairs on Ray Train",
+        ("overwrite",),
+    ),
+    "eval": Command(
+        EvalConfig,
+        run_eval_command,
+        ("dataset", "out"),
+        "evaluate checkpoints: knn, linear, semisup, detection; one comparison table",
         ("overwrite",),
     ),
     "pairs-report": Command(

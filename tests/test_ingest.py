@@ -206,8 +206,9 @@ def test_every_binary_source_kind_through_ingest(tmp_path: Path) -> None:
         m = ingest(src, str(tmp_path / f"out-{name}"))
         assert {k: v["total"] for k, v in m["splits"].items()} == splits
         assert len(m["classes"]) == n_classes
-    assert ImageDataset.open(str(tmp_path / "out-stl")).manifest["splits"]["unlabeled"][
-        "labeled"] == 0
+    assert (
+        ImageDataset.open(str(tmp_path / "out-stl")).manifest["splits"]["unlabeled"]["labeled"] == 0
+    )
     src = open_source(str(tmp_path / "pq"))
     assert src.kind == "parquet"
     m = ingest(src, str(tmp_path / "out-pq"))

@@ -60,8 +60,9 @@ def _band(emb_uri: str) -> tuple[float, float]:
 
 def _mine(src: str, out: str, **kw: object) -> dict:
     cfg = MineConfig(**kw)  # type: ignore[arg-type]
-    return mine_command(src, out, ENC, cfg, splits=["train"], actors=None, overwrite=False,
-                        config={})
+    return mine_command(
+        src, out, ENC, cfg, splits=["train"], actors=None, overwrite=False, config={}
+    )
 
 
 def test_embeddings_are_unit_norm_with_labels(embeddings: str, images: str) -> None:
@@ -79,7 +80,8 @@ def test_pairs_match_the_numpy_reference(embeddings: str, tmp_path: Path) -> Non
     m = _mine(embeddings, str(tmp_path / "p"), lo=lo, hi=hi, k=0.5, m=2, seed=3)
     t = read_pairs(str(tmp_path / "p")).to_pydict()
     assert m["num_pairs"] == len(t["anchor_id"]) > 0
-    assert pa.schema(read_pairs(str(tmp_path / "p")).schema).field("similarity").type == pa.float32()
+    schema = read_pairs(str(tmp_path / "p")).schema
+    assert schema.field("similarity").type == pa.float32()
     v, _ = load_embeddings(embeddings)
     from sepp_ray.mining.anchors import choose_anchors
 
@@ -120,8 +122,7 @@ def test_mine_from_images_reuses_embeddings_and_writes_to_s3(images: str, bucket
     assert m2["num_pairs"] == 20
 
 
-def test_zero_pairs_is_a_warning_recorded_in_the_manifest(embeddings: str, tmp_path: Path
-                                                          ) -> None:
+def test_zero_pairs_is_a_warning_recorded_in_the_manifest(embeddings: str, tmp_path: Path) -> None:
     m = _mine(embeddings, str(tmp_path / "z"), lo=0.9999, hi=0.99995, k=10)
     assert m["num_pairs"] == 0
     assert "Relax the lower threshold" in m["warning"]
@@ -147,15 +148,28 @@ def test_bad_mining_parameters(embeddings: str, tmp_path: Path, kw: dict, messag
 def _fake_embeddings(uri: str, vecs: np.ndarray) -> None:
     loc = begin_write(uri)
     dim = vecs.shape[1] if vecs.ndim == 2 else 4
-    t = pa.table({"id": np.arange(len(vecs), dtype=np.int64),
-                  "label": pa.array([0] * len(vecs), pa.int32()),
-                  "embedding": pa.FixedSizeListArray.from_arrays(
-                      pa.array(vecs.reshape(-1).astype(np.float32)), dim)})
+    t = pa.table(
+        {
+            "id": np.arange(len(vecs), dtype=np.int64),
+            "label": pa.array([0] * len(vecs), pa.int32()),
+            "embedding": pa.FixedSizeListArray.from_arrays(
+                pa.array(vecs.reshape(-1).astype(np.float32)), dim
+            ),
+        }
+    )
     loc.fs.makedirs(loc.join("embeddings"), exist_ok=True)
     pq.write_table(t, loc.join("embeddings/a.parquet"))
-    finish_write(loc, {"kind": "embeddings", "num_embeddings": len(vecs), "dim": dim,
-                       "encoder": {"identity": "fake"}, "dataset": {"uri": "x", "classes": []},
-                       "files": [{"path": "embeddings/a.parquet", "rows": len(vecs)}]})
+    finish_write(
+        loc,
+        {
+            "kind": "embeddings",
+            "num_embeddings": len(vecs),
+            "dim": dim,
+            "encoder": {"identity": "fake"},
+            "dataset": {"uri": "x", "classes": []},
+            "files": [{"path": "embeddings/a.parquet", "rows": len(vecs)}],
+        },
+    )
 
 
 def test_nan_and_empty_embeddings_are_errors(tmp_path: Path) -> None:
@@ -170,8 +184,7 @@ def test_nan_and_empty_embeddings_are_errors(tmp_path: Path) -> None:
         _mine(str(tmp_path / "empty"), str(tmp_path / "o2"))
 
 
-def test_checkpoint_of_another_architecture_is_a_clear_error(images: str, tmp_path: Path
-                                                             ) -> None:
+def test_checkpoint_of_another_architecture_is_a_clear_error(images: str, tmp_path: Path) -> None:
     from sepp_ray.models.backbones import create_backbone
 
     model, _ = create_backbone("resnet18", cifar_stem=True)
@@ -180,8 +193,9 @@ def test_checkpoint_of_another_architecture_is_a_clear_error(images: str, tmp_pa
     with pytest.raises(SeppError, match="do not fit architecture resnet34"):
         embed(images, str(tmp_path / "e"), bad)
     assert not (tmp_path / "e").exists()
-    good = EncoderConfig(name="resnet18", cifar_stem=True, image_size=16,
-                         checkpoint=str(tmp_path / "r18.pt"))
+    good = EncoderConfig(
+        name="resnet18", cifar_stem=True, image_size=16, checkpoint=str(tmp_path / "r18.pt")
+    )
     m = embed(images, str(tmp_path / "e2"), good, splits=["test"])
     assert m["encoder"]["identity"].startswith("state-dict:resnet18")
 
@@ -191,8 +205,12 @@ def test_pairs_report_writes_pictures(embeddings: str, tmp_path: Path) -> None:
     _mine(embeddings, str(tmp_path / "p"), lo=lo, hi=hi, m=3)
     files = write_report(str(tmp_path / "p"), str(tmp_path / "rep"))
     names = {Path(f).name for f in files}
-    assert names == {"pairs_grid.png", "similarity_histogram.png",
-                     "precision_vs_threshold.png", "report.md"}
+    assert names == {
+        "pairs_grid.png",
+        "similarity_histogram.png",
+        "precision_vs_threshold.png",
+        "report.md",
+    }
     from PIL import Image
 
     with Image.open(tmp_path / "rep" / "pairs_grid.png") as im:
@@ -205,11 +223,23 @@ def test_killed_mining_is_not_readable_and_a_rerun_completes(
 ) -> None:
     out = tmp_path / "killed"
     env = {**os.environ, "RAY_ADDRESS": ray_cluster, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "sepp_ray.cli", "mine", images, str(out),
-           "encoder.name=resnet18", "encoder.cifar_stem=true", "encoder.image_size=16",
-           "encoder.batch_size=8", "mining.lo=-1", "mining.k=30"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "sepp_ray.cli",
+        "mine",
+        images,
+        str(out),
+        "encoder.name=resnet18",
+        "encoder.cifar_stem=true",
+        "encoder.image_size=16",
+        "encoder.batch_size=8",
+        "mining.lo=-1",
+        "mining.k=30",
+    ]
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not (out / "embeddings").exists():
         time.sleep(0.1)

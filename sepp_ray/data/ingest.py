@@ -209,7 +209,8 @@ def ingest(
         init_ray()
         items = [{"index": i, "unit": pickle.dumps(u)} for i, u in enumerate(units)]
         n_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        ds: ray.data.Dataset = ray.data.from_items(items, override_num_blocks=min(len(items), 4 * n_cpus))
+        blocks = min(len(items), 4 * n_cpus)
+        ds: ray.data.Dataset = ray.data.from_items(items, override_num_blocks=blocks)
         ds = ds.map_batches(
             IngestShard,
             fn_constructor_args=(source, out_uri, options),

@@ -177,7 +177,10 @@ def run_search(emb_uri: str, cfg: MineConfig) -> tuple[np.ndarray, Pairs, list[d
         cands = merge_shard_results([r[0] for r in results], cfg.m, anchors)
     else:
         n_workers = min(cfg.workers or max(1, gpus), len(anchors))
-        workers = [actor_cls(n_workers).remote(emb_uri, cfg.backend, None, options) for _ in range(n_workers)]
+        workers = [
+            actor_cls(n_workers).remote(emb_uri, cfg.backend, None, options)
+            for _ in range(n_workers)
+        ]
         chunks = np.array_split(anchors, n_workers)
         futures = [
             w.search.remote(c, None, cfg.hi, cfg.m, cfg.dup_eps)

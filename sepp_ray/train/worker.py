@@ -195,7 +195,7 @@ def train_loop(config: dict[str, Any]) -> None:
             if c["shuffle_buffer"]
             else None,
         )
-        limited = (b for _, b in zip(range(steps_per_epoch), batches))
+        limited = (b for _, b in zip(range(steps_per_epoch), batches, strict=False))
         try:
             stats = train_epoch(trainer, limited, epoch, start_step=epoch * steps_per_epoch)
         except NonFiniteLossError as e:
@@ -236,7 +236,11 @@ def train_loop(config: dict[str, Any]) -> None:
                     method.backbone,
                     meta,
                     state,
-                    {"method": c["method"], "metrics": history[-1]},
+                    {
+                        "method": c["method"],
+                        "metrics": history[-1],
+                        "dataset": {"uri": c["dataset"], "split": c["split"]},
+                    },
                     keep=c["keep_checkpoints"],
                 )
             if dist.is_dist():

@@ -1,0 +1,439 @@
+"""`sepp eval`: judge one or more checkpoints with the protocols SSL papers report, on Ray.
+
+Per checkpoint: frozen features of the train and test splits (cached under OUT/features, kept
+across ``overwrite`` re-runs), then kNN and the linear probe on them, semi-supervised
+fine-tuning per label fraction and VOC detection, each a Ray task (one GPU where there is one).
+Transfer is no special case: any ingested dataset may be evaluated, and both the pretraining
+dataset (from the checkpoint's manifest, where the trainer recorded it) and the evaluation
+dataset are written to the metrics. Outputs: ``metrics.json``, ``metrics.md`` (checkpoints x
+metrics) and the manifest (kind "eval"), written last.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from sepp_ray.config import opt
+from sepp_ray.data.dataset import ImageDataset
+from sepp_ray.errors import SeppError
+from sepp_ray.eval.detection import DetectionConfig
+from sepp_ray.eval.features import (
+    check_split,
+    checkpoint_manifest,
+    dataset_fingerprint,
+    extract_features,
+)
+from sepp_ray.eval.linear import LinearProbeConfig
+from sepp_ray.eval.semisup import FinetuneConfig
+from sepp_ray.models.checkpoint import load_backbone
+from sepp_ray.storage import Location, begin_write, finish_write
+
+log = logging.getLogger(__name__)
+PROTOCOLS = ("knn", "linear", "semisup", "detection")
+FEATURES = "features"
+
+
+@dataclass
+class EvalConfig:
+    """What to evaluate, how, and where the metrics go."""
+
+    checkpoints: list[str] = opt([], "checkpoint URIs to evaluate and compare, comma-separated")
+    dataset: str = opt("", "an ingested image dataset URI (any: the pretraining one or another)")
+    train_split: str = opt("train", "split the kNN bank / linear probe / fine-tuning learn from")
+    test_split: str = opt("test", "split the accuracies are measured on")
+    protocols: list[str] = opt(["knn", "linear"], f"among {', '.join(PROTOCOLS)}")
+    k: int = opt(200, "kNN: neighbours that vote")
+    temperature: float = opt(0.07, "kNN: vote weight exp(similarity / temperature)")
+    label_fractions: list[float] = opt([0.01, 0.1], "semisup: shares of the train labels used")
+    voc_root: str | None = opt(None, "detection: a VOC-format folder or URI")
+    out: str = opt("", "output URI of the metrics")
+    overwrite: bool = opt(False, "replace a complete output at `out` (cached features are kept)")
+    seed: int = opt(0, "seed of every protocol (held-out split, label subset, initialisation)")
+    batch_size: int = opt(256, "images per forward pass when extracting features")
+    actors: int | None = opt(None, "feature-extraction actors (default: one per GPU, else CPUs-1)")
+    linear: LinearProbeConfig = field(
+        default_factory=LinearProbeConfig, metadata={"help": "linear probe"}
+    )
+    semisup: FinetuneConfig = field(
+        default_factory=FinetuneConfig, metadata={"help": "semi-supervised fine-tuning"}
+    )
+    detection: DetectionConfig = field(
+        default_factory=DetectionConfig, metadata={"help": "VOC detection transfer"}
+    )
+
+    def validate(self) -> None:
+        if not self.checkpoints:
+            raise SeppError("eval needs at least one checkpoint URI (checkpoints=URI[,URI...])")
+        if not self.out:
+            raise SeppError("eval needs an output URI (out=...)")
+        unknown = sorted(set(self.protocols) - set(PROTOCOLS))
+        if unknown or not self.protocols:
+            raise SeppError(
+                f"unknown protocol(s) {unknown or '(none given)'}: choose among {PROTOCOLS}"
+            )
+        if self.needs_dataset() and not self.dataset:
+            raise SeppError(f"protocols {self.protocols} need a dataset URI (dataset=...)")
+        if "detection" in self.protocols and not self.voc_root:
+            raise SeppError("protocol detection needs a VOC dataset (voc_root=...)")
+        if "semisup" in self.protocols and not self.label_fractions:
+            raise SeppError("protocol semisup needs label_fractions (e.g. 0.01,0.1)")
+        if len(set(self.checkpoints)) != len(self.checkpoints):
+            raise SeppError("a checkpoint is listed twice in checkpoints")
+        self.linear.validate()
+        self.semisup.validate()
+        self.detection.validate()
+
+    def needs_dataset(self) -> bool:
+        return bool({"knn", "linear", "semisup"} & set(self.protocols))
+
+
+def short_names(uris: list[str]) -> list[str]:
+    """The shortest path suffixes that tell the URIs apart (table row names)."""
+    parts = [u.rstrip("/").split("/") for u in uris]
+    for n in range(1, max(len(p) for p in parts) + 1):
+        names = ["/".join(p[-n:]) for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    return list(uris)
+
+
+def pretrain_dataset(manifest: dict[str, Any]) -> str | None:
+    """The pretraining dataset URI a checkpoint's manifest records, if any."""
+    for where in (manifest, manifest.get("config") or {}):
+        d = where.get("dataset")
+        if isinstance(d, dict) and d.get("uri"):
+            return str(d["uri"])
+        if isinstance(d, str) and d:
+            return d
+    return None
+
+
+def _knn_task(
+    feat_uri: str, splits: tuple[str, str], num_classes: int, k: int, temperature: float
+) -> dict[str, Any]:
+    import torch
+
+    from sepp_ray.eval.features import load_features
+    from sepp_ray.eval.knn import knn_classify
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    tr = load_features(feat_uri, splits[0]).labeled()
+    te = load_features(feat_uri, splits[1]).labeled()
+    res = knn_classify(
+        torch.from_numpy(tr.feats).to(dev),
+        torch.from_numpy(tr.labels).to(dev),
+        torch.from_numpy(te.feats).to(dev),
+        torch.from_numpy(te.labels).to(dev),
+        num_classes,
+        k=k,
+        temperature=temperature,
+    )
+    return {
+        **res,
+        "k": k,
+        "temperature": temperature,
+        "train_size": len(tr.ids),
+        "test_size": len(te.ids),
+    }
+
+
+def _linear_task(
+    feat_uri: str, splits: tuple[str, str], num_classes: int, cfg: LinearProbeConfig, seed: int
+) -> dict[str, Any]:
+    import torch
+
+    from sepp_ray.eval.features import load_features
+    from sepp_ray.eval.linear import linear_probe
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    tr = load_features(feat_uri, splits[0]).labeled()
+    te = load_features(feat_uri, splits[1]).labeled()
+    return linear_probe(
+        torch.from_numpy(tr.feats).to(dev),
+        torch.from_numpy(tr.labels).to(dev),
+        torch.from_numpy(te.feats).to(dev),
+        torch.from_numpy(te.labels).to(dev),
+        num_classes,
+        cfg,
+        seed=seed,
+    )
+
+
+def _gather(futures: dict[Any, Any]) -> dict[Any, Any]:
+    """ray.get every future; a SeppError raised in a task surfaces as itself."""
+    import ray
+
+    out = {}
+    for key, ref in futures.items():
+        try:
+            out[key] = ray.get(ref)
+        except ray.exceptions.RayTaskError as e:
+            cause = getattr(e, "cause", None)
+            if isinstance(cause, SeppError):
+                raise SeppError(str(cause)) from None
+            raise
+    return out
+
+
+def _check_inputs(cfg: EvalConfig) -> tuple[list[dict[str, Any]], ImageDataset | None]:
+    """Fail on any bad input before Ray work: checkpoints, splits, labels, the VOC root."""
+    ckpts = []
+    for uri in cfg.checkpoints:
+        m = checkpoint_manifest(uri)
+        _, meta, sha = load_backbone(uri)  # weights that do not fit raise here
+        ckpts.append({"uri": uri, "sha256": sha, "backbone": asdict(meta), "manifest": m})
+    ds = None
+    if cfg.needs_dataset():
+        ds = ImageDataset.open(cfg.dataset)
+        why = ", ".join(p for p in cfg.protocols if p != "detection")
+        check_split(ds, cfg.train_split, need_labels=True, why=why)
+        check_split(ds, cfg.test_split, need_labels=True, why=why)
+    if "semisup" in cfg.protocols and ds is not None:
+        import numpy as np
+
+        from sepp_ray.eval.semisup import balanced_subset
+
+        t = ds.read_table(["label"], split=cfg.train_split)
+        labels = t["label"].fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+        for f in cfg.label_fractions:
+            balanced_subset(labels, f, cfg.seed, ds.classes)  # a class left empty raises here
+    if "detection" in cfg.protocols and cfg.voc_root:
+        from sepp_ray.eval.voc import read_voc
+
+        read_voc(cfg.voc_root, cfg.detection.train_split)
+        read_voc(cfg.voc_root, cfg.detection.test_split)
+    return ckpts, ds
+
+
+def run_eval(cfg: EvalConfig) -> dict[str, Any]:
+    """Run every protocol for every checkpoint; write metrics.json, metrics.md and the manifest."""
+    import ray
+
+    from sepp_ray.eval.detection import run_detection
+    from sepp_ray.eval.semisup import run_semisup
+    from sepp_ray.ray_utils import init_ray
+
+    cfg.validate()
+    ckpts, ds = _check_inputs(cfg)
+    loc = begin_write(cfg.out, overwrite=cfg.overwrite, keep=(FEATURES,))
+    init_ray()
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+
+    def remote(fn: Callable[..., Any]) -> Any:
+        return ray.remote(fn).options(num_gpus=1 if gpus else 0, num_cpus=1, max_retries=0)
+
+    knn_r, linear_r = remote(_knn_task), remote(_linear_task)
+    semisup_r, detection_r = remote(run_semisup), remote(run_detection)
+    num_classes = len(ds.classes) if ds is not None else 0
+    split_pair = (cfg.train_split, cfg.test_split)
+    feats: dict[int, str] = {}
+    if {"knn", "linear"} & set(cfg.protocols):
+        # every extraction first: the protocol tasks would compete with it for the CPUs
+        for i, c in enumerate(ckpts):
+            feats[i] = loc.child(FEATURES, c["sha256"][:16]).uri
+            # our own cache: replaced when it does not match
+            extract_features(
+                c["uri"],
+                cfg.dataset,
+                list(split_pair),
+                feats[i],
+                batch_size=cfg.batch_size,
+                actors=cfg.actors,
+                overwrite=True,
+            )
+    futures: dict[tuple[int, str, str], Any] = {}
+    for i, c in enumerate(ckpts):
+        if "knn" in cfg.protocols:
+            futures[(i, "knn", "")] = knn_r.remote(
+                feats[i], split_pair, num_classes, cfg.k, cfg.temperature
+            )
+        if "linear" in cfg.protocols:
+            futures[(i, "linear", "")] = linear_r.remote(
+                feats[i], split_pair, num_classes, cfg.linear, cfg.seed
+            )
+        for f in cfg.label_fractions if "semisup" in cfg.protocols else []:
+            futures[(i, "semisup", str(f))] = semisup_r.remote(
+                c["uri"], cfg.dataset, f, cfg.train_split, cfg.test_split, cfg.semisup, cfg.seed
+            )
+        if "detection" in cfg.protocols:
+            futures[(i, "detection", "")] = detection_r.remote(
+                c["uri"], cfg.voc_root, cfg.detection, cfg.seed
+            )
+    results = _gather(futures)
+    metrics = _assemble(cfg, ckpts, ds, results)
+    table = metrics_table(metrics)
+    loc.write_bytes("metrics.json", json.dumps(metrics, indent=2).encode())
+    loc.write_bytes("metrics.md", table.encode())
+    finish_write(
+        loc,
+        {
+            "kind": "eval",
+            "protocols": list(cfg.protocols),
+            "checkpoints": [{"uri": c["uri"], "sha256": c["sha256"]} for c in ckpts],
+            "dataset": metrics["dataset"],
+            "voc_root": cfg.voc_root,
+            "gpus": gpus,
+            "files": {"metrics": "metrics.json", "table": "metrics.md"},
+            "config": _jsonable(asdict(cfg)),
+        },
+    )
+    return metrics
+
+
+def _assemble(
+    cfg: EvalConfig,
+    ckpts: list[dict[str, Any]],
+    ds: ImageDataset | None,
+    results: dict[tuple[int, str, str], Any],
+) -> dict[str, Any]:
+    dataset = None
+    if ds is not None:
+        dataset = {
+            "uri": cfg.dataset,
+            "fingerprint": dataset_fingerprint(ds),
+            "train_split": cfg.train_split,
+            "test_split": cfg.test_split,
+            "classes": ds.classes,
+        }
+    rows = []
+    for i, (c, name) in enumerate(zip(ckpts, short_names(cfg.checkpoints), strict=True)):
+        pre = pretrain_dataset(c["manifest"])
+        entry: dict[str, Any] = {
+            "name": name,
+            "uri": c["uri"],
+            "sha256": c["sha256"],
+            "backbone": c["backbone"],
+            "pretrain_dataset": pre,
+            "eval_dataset": cfg.dataset or None,
+            "transfer": None if pre is None or not cfg.dataset else _differs(pre, cfg.dataset),
+        }
+        for (j, protocol, sub), res in sorted(results.items()):
+            if j != i:
+                continue
+            if sub:
+                entry.setdefault(protocol, {})[sub] = res
+            else:
+                entry[protocol] = res
+        entry["headline"] = headline(entry)
+        rows.append(entry)
+    return {
+        "dataset": dataset,
+        "voc_root": cfg.voc_root,
+        "protocols": list(cfg.protocols),
+        "seed": cfg.seed,
+        "checkpoints": rows,
+    }
+
+
+def _differs(a: str, b: str) -> bool:
+    norm = [posixpath.normpath(x.rstrip("/").removeprefix("file://")) for x in (a, b)]
+    return norm[0] != norm[1]
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    return dict(json.loads(json.dumps(d, default=str)))
+
+
+def read_metrics(uri: str) -> dict[str, Any]:
+    """The metrics.json of a complete eval output."""
+    from sepp_ray.storage import read_manifest
+
+    m = read_manifest(uri)
+    if m.get("kind") != "eval":
+        raise SeppError(f"{uri} is a {m.get('kind')!r} output, not eval metrics")
+    return dict(json.loads(Location(uri).read_bytes("metrics.json")))
+
+
+def headline(entry: dict[str, Any]) -> dict[str, float]:
+    """The table's columns of one checkpoint's metrics (accuracies and APs in [0, 1])."""
+    out: dict[str, float] = {}
+    for proto, label in (("knn", "kNN"), ("linear", "linear")):
+        if proto in entry:
+            out[f"{label} top-1"] = entry[proto]["top1"]
+            out[f"{label} top-5"] = entry[proto]["top5"]
+    for frac, res in sorted((entry.get("semisup") or {}).items(), key=lambda kv: float(kv[0])):
+        out[f"semi {float(frac) * 100:g}% top-1"] = res["top1"]
+    if "detection" in entry:
+        for k in ("AP50", "AP", "AP75"):
+            out[f"det {k}"] = entry["detection"][k]
+    return out
+
+
+def _pct(v: float | None) -> str:
+    return "—" if v is None else f"{100 * v:.2f}"
+
+
+def metrics_table(metrics: dict[str, Any]) -> str:
+    """Markdown: one row per checkpoint, one column per protocol metric (in %)."""
+    rows = metrics["checkpoints"]
+    cols: list[str] = []
+    for r in rows:
+        cols += [c for c in r["headline"] if c not in cols]
+    d = metrics.get("dataset")
+    lines = []
+    if d:
+        lines.append(
+            f"Evaluation data: `{d['uri']}` (train `{d['train_split']}`, "
+            f"test `{d['test_split']}`); figures in %."
+        )
+    if metrics.get("voc_root"):
+        lines.append(f"Detection: VOC-format `{metrics['voc_root']}` (AP from pycocotools).")
+    lines += [
+        "",
+        "| checkpoint | backbone | pretrained on | " + " | ".join(cols) + " |",
+        "|---|---|---|" + "---|" * len(cols),
+    ]
+    for r in rows:
+        cells = [_pct(r["headline"].get(c)) for c in cols]
+        pre = r.get("pretrain_dataset") or "?"
+        lines.append(
+            f"| {r['name']} | {r['backbone']['name']} | {pre} | " + " | ".join(cells) + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _columns(m: dict[str, Any]) -> dict[str, float]:
+    """Headline figures of a run given as run_eval's output (one checkpoint), a checkpoint
+    entry, or a flat {metric: value} dict."""
+    if "checkpoints" in m:
+        if len(m["checkpoints"]) != 1:
+            raise SeppError("an ablation run must hold the metrics of exactly one checkpoint")
+        m = m["checkpoints"][0]
+    if "headline" in m:
+        return dict(m["headline"])
+    if set(m) & {"knn", "linear", "semisup", "detection"}:
+        return headline(m)
+    return {k: float(v) for k, v in m.items() if isinstance(v, (int, float))}
+
+
+def ablation_table(results: dict[str, dict[str, Any]], baseline: str) -> str:
+    """Markdown: each run's figures and their change (percentage points) against ``baseline``.
+
+    For robustness studies ("drop one augmentation", arXiv 2510.08722): the smaller the drops,
+    the less the method depends on that augmentation.
+    """
+    if baseline not in results:
+        raise SeppError(f"baseline {baseline!r} is not among the runs {sorted(results)}")
+    cols_by_run = {name: _columns(m) for name, m in results.items()}
+    base = cols_by_run[baseline]
+    cols = [c for c in base if all(c in r for r in cols_by_run.values())]
+    if not cols:
+        raise SeppError("the runs share no metric with the baseline: evaluate them alike")
+    lines = [
+        "| run | " + " | ".join(cols) + " | mean change |",
+        "|---|" + "---|" * (len(cols) + 1),
+    ]
+    for name, r in cols_by_run.items():
+        deltas = [100 * (r[c] - base[c]) for c in cols]
+        if name == baseline:
+            cells = [_pct(r[c]) for c in cols] + ["baseline"]
+        else:
+            cells = [f"{_pct(r[c])} ({d:+.2f})" for c, d in zip(cols, deltas, strict=True)]
+            cells.append(f"{sum(deltas) / len(deltas):+.2f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
