@@ -233,7 +233,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     if final is None or final[0] != cfg.epochs:
         raise SeppError(f"training ended without its final checkpoint in {cfg.out}")
     ckpt = read_manifest(final[1])
-    history = _history(final[1])
+    history, starts = _history(final[1])
     manifest = {
         "kind": "pretrain",
         "final_checkpoint": final[1],
@@ -249,6 +249,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         "wall_seconds": round(wall, 2),
         "final_metrics": ckpt.get("metrics"),
         "history": history,
+        "loop_starts_at_epoch": starts,
         "config": asdict(cfg),
         "pairs_per_s_mean": float(np.mean([h.get("pairs_per_s", 0) for h in history]))
         if history
@@ -258,11 +259,11 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     return manifest
 
 
-def _history(ckpt_uri: str) -> list[dict[str, Any]]:
+def _history(ckpt_uri: str) -> tuple[list[dict[str, Any]], list[int]]:
     from sepp_ray.train.state import load_training_state
 
     state, _ = load_training_state(ckpt_uri)
-    return list(state.get("history", []))
+    return list(state.get("history", [])), list(state.get("starts", []))
 
 
 def _storage_path(uri: str) -> str:

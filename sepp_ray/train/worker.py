@@ -159,7 +159,7 @@ def train_loop(config: dict[str, Any]) -> None:
         base_lr=c["lr"],
         final_lr=c["final_lr"],
     )
-    start_epoch, history = 0, []
+    start_epoch, history, starts = 0, [], []
     latest = latest_checkpoint(c["out"])
     if latest is not None:
         state, _ = load_training_state(latest[1])
@@ -168,8 +168,10 @@ def train_loop(config: dict[str, Any]) -> None:
         rngs = state["rng"]
         set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0], augment, device)
         start_epoch, history = int(state["epoch"]), list(state["history"])
+        starts = list(state.get("starts", []))
         if rank == 0:
             print(f"[sepp] resuming from {latest[1]} (epoch {start_epoch})", flush=True)
+    starts.append(start_epoch)  # one entry per (re)start of this loop: recovery is visible
     meta = BackboneMeta(
         c["backbone"],
         c["cifar_stem"],
@@ -229,6 +231,7 @@ def train_loop(config: dict[str, Any]) -> None:
                     "rng": rngs,
                     "epoch": epoch + 1,
                     "history": history,
+                    "starts": starts,
                 }
                 save_training_checkpoint(
                     c["out"],

@@ -1,0 +1,168 @@
+"""Pretraining on Ray Train (the session's cluster, gloo on CPU): DDP, pairs, checkpoints,
+resume after a crash, recovery from a killed worker, and bad input."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from sepp_ray.data.ingest import ingest
+from sepp_ray.data.sources import SourceOptions, open_source
+from sepp_ray.errors import SeppError
+from sepp_ray.mining.encoder import EncoderConfig
+from sepp_ray.mining.mine import MineConfig
+from sepp_ray.mining.pipeline import mine_command
+from sepp_ray.models.checkpoint import load_backbone
+from sepp_ray.storage import Location, read_manifest
+from sepp_ray.train.driver import PretrainConfig, pretrain
+from sepp_ray.train.items import PairsConfig
+from sepp_ray.train.state import list_checkpoints
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory, ray_cluster: str) -> tuple[str, str]:
+    base = tmp_path_factory.mktemp("pretrain")
+    images = str(base / "syn")
+    ingest(open_source("synthetic", options=SourceOptions(n=150, size=16, chunk_size=50)), images)
+    pairs = str(base / "pairs")
+    mine_command(
+        images,
+        pairs,
+        EncoderConfig(name="resnet18", cifar_stem=True, image_size=16),
+        MineConfig(lo=-1.0, hi=0.9999, k=24, m=1),
+        splits=["train"],
+        actors=None,
+        overwrite=False,
+        config={},
+    )
+    return images, pairs
+
+
+def _cfg(images: str, out: Path, **kw: object) -> PretrainConfig:
+    base: dict[str, object] = dict(
+        dataset=images,
+        out=str(out),
+        backbone="test_resnet",
+        epochs=2,
+        batch_size=32,
+        warmup_epochs=1,
+        checkpoint_every=1,
+        knn_every=1,
+        knn_k=20,
+        base_lr=0.1,
+        shuffle_buffer=0,
+        cpus_per_worker=0.5,
+    )
+    base.update(kw)
+    return PretrainConfig(**base)  # type: ignore[arg-type]
+
+
+def test_two_worker_ddp_with_semantic_pairs(data: tuple[str, str], tmp_path: Path) -> None:
+    images, pairs = data
+    out = tmp_path / "run"
+    m = pretrain(_cfg(images, out, workers=2, pairs=PairsConfig(pairs=pairs, mode="both")))
+    assert m["items"]["semantic"] == 24 and m["multi_positive"] is True
+    assert m["workers"] == 2 and m["epochs"] == 2
+    assert [h["epoch"] for h in m["history"]] == [1, 2]
+    assert all(0.0 <= h["knn_top1"] <= 1.0 for h in m["history"])
+    assert [e for e, _ in list_checkpoints(str(out))] == [1, 2]
+    model, meta, _ = load_backbone(m["final_checkpoint"])
+    assert meta.name == "test_resnet" and meta.image_size == 16
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    # the checkpoint is a sampler at once: mine with it
+    mined = mine_command(
+        images,
+        str(tmp_path / "p2"),
+        EncoderConfig(checkpoint=m["final_checkpoint"]),
+        MineConfig(lo=-1.0, hi=0.9999, k=10),
+        splits=["train"],
+        actors=None,
+        overwrite=False,
+        config={},
+    )
+    assert mined["encoder"]["identity"].startswith("sepp-checkpoint:test_resnet")
+
+
+def test_a_crashed_run_resumes_from_its_last_checkpoint(
+    data: tuple[str, str], tmp_path: Path
+) -> None:
+    images, _ = data
+    out = tmp_path / "run"
+    first = pretrain(_cfg(images, out, epochs=1))
+    # the driver dies after epoch 1: no manifest, the marker of an unfinished write
+    loc = Location(str(out))
+    loc.fs.rm(loc.join("manifest.json"))
+    loc.write_bytes("_SEPP_WRITING", b"{}")
+    second = pretrain(_cfg(images, out, epochs=2))
+    assert second["resumed_from_epoch"] == 1 and second["loop_starts_at_epoch"] == [0, 1]
+    assert second["history"][0] == first["history"][0]  # epoch 1 was not trained again
+    assert [h["epoch"] for h in second["history"]] == [1, 2]
+    with pytest.raises(SeppError, match="already holds a complete result"):
+        pretrain(_cfg(images, out, epochs=2))
+
+
+@pytest.mark.slow
+def test_a_killed_worker_resumes_from_the_checkpoint(data: tuple[str, str], tmp_path: Path) -> None:
+    images, _ = data
+    out = tmp_path / "run"
+    killed: list[int] = []
+
+    def kill_after_first_checkpoint() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline and not list_checkpoints(str(out)):
+            time.sleep(0.2)
+        for pid in (int(d) for d in os.listdir("/proc") if d.isdigit()):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if "RayTrainWorker" in cmdline:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                return
+
+    t = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    t.start()
+    m = pretrain(_cfg(images, out, epochs=4, max_failures=2))
+    t.join(timeout=5)
+    assert killed, "no training worker was found to kill"
+    assert [h["epoch"] for h in m["history"]] == [1, 2, 3, 4]
+    # the loop started twice: from scratch, then from a checkpoint after the kill
+    assert len(m["loop_starts_at_epoch"]) == 2 and m["loop_starts_at_epoch"][0] == 0
+    assert m["loop_starts_at_epoch"][1] >= 1
+    assert read_manifest(str(out))["final_checkpoint"].endswith("epoch-00004")
+
+
+@pytest.mark.parametrize(
+    "kw,message",
+    [
+        ({"method": "mocov9"}, "mocov9"),
+        ({"hparams": {"temprature": 0.1}}, "temprature"),
+        ({"drop_augment": ["sparkle"]}, "sparkle"),
+        ({"batch_size": 100_000}, "exceeds the"),
+        ({"workers": 3, "batch_size": 32}, "divide evenly"),
+        ({"split": "validation"}, "split 'validation' not in"),
+    ],
+)
+def test_bad_input_fails_before_training(
+    data: tuple[str, str], tmp_path: Path, kw: dict, message: str
+) -> None:
+    images, _ = data
+    with pytest.raises(SeppError, match=message):
+        pretrain(_cfg(images, tmp_path / "bad", **kw))
+    assert not (tmp_path / "bad" / "manifest.json").exists()
+
+
+def test_pairs_from_another_dataset_are_refused(data: tuple[str, str], tmp_path: Path) -> None:
+    images, pairs = data
+    other = str(tmp_path / "other")
+    ingest(open_source("synthetic", options=SourceOptions(n=40, size=16, seed=9)), other)
+    with pytest.raises(SeppError, match=r"image id\(s\) absent"):
+        pretrain(_cfg(other, tmp_path / "o", batch_size=8, pairs=PairsConfig(pairs=pairs)))
