@@ -19,9 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	RAY_AUTH_MODE=disabled $(BIN)/sepp ingest digits $(RUNS)/digits --overwrite
-	RAY_AUTH_MODE=disabled $(BIN)/sepp inspect $(RUNS)/digits grid=$(RUNS)/digits-grid.png
-	@echo "dataset: $(RUNS)/digits   sample grid: $(RUNS)/digits-grid.png"
+	RAY_AUTH_MODE=disabled $(BIN)/sepp pipeline --config jobs/pipeline-digits.yaml work=$(RUNS)/pipeline
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

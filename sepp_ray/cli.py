@@ -24,6 +24,7 @@ from sepp_ray.errors import SeppError
 from sepp_ray.eval.command import EvalConfig
 from sepp_ray.mining.encoder import EncoderConfig
 from sepp_ray.mining.mine import MineConfig
+from sepp_ray.pipeline import PipelineConfig
 from sepp_ray.train.driver import PretrainConfig
 
 log = logging.getLogger("sepp")
@@ -203,6 +204,14 @@ def run_eval_command(c: Any) -> int:
     return 0
 
 
+def run_pipeline_command(c: Any) -> int:
+    from sepp_ray.pipeline import run_pipeline
+
+    r = run_pipeline(c)
+    print(f"report: {r['report']}")
+    return 0
+
+
 @dataclass(frozen=True)
 class Command:
     config_cls: type
@@ -254,6 +263,12 @@ COMMANDS: dict[str, Command] = {
         ("dataset", "out"),
         "evaluate checkpoints: knn, linear, semisup, detection; one comparison table",
         ("overwrite",),
+    ),
+    "pipeline": Command(
+        PipelineConfig,
+        run_pipeline_command,
+        ("source",),
+        "ingest -> bootstrap -> mine -> pretrain baseline and SePP -> eval -> report",
     ),
     "pairs-report": Command(
         PairsReportConfig,

@@ -1,0 +1,195 @@
+"""Pretraining throughput (pairs/s), three pipelines side by side in one run:
+
+1. bare: our training step (device augmentation + method + optimizer) on uint8 batches already
+   on the device, no data loading, no Ray: the ceiling of this code on this machine;
+2. ray: `sepp pretrain` through Ray Train on an ingested dataset (1 worker), steady-state
+   epochs only (the first is warm-up);
+3. cpu-aug: the classic pipeline, torchvision augmentation per image in DataLoader workers on
+   the CPU, feeding the same model step.
+
+    python benchmarks/pretrain.py --dataset runs/cifar10 --backbone resnet18 --cifar-stem \
+        --batch 512 --epochs 3            # on a GPU machine
+    python benchmarks/pretrain.py --dataset runs/digits --backbone test_resnet --batch 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from sepp_ray.data.augment import GPUAugment
+from sepp_ray.data.dataset import ImageDataset
+from sepp_ray.data.recipes import get_recipe
+from sepp_ray.methods import create_method
+from sepp_ray.train.driver import PretrainConfig, pretrain
+from sepp_ray.train.optim import build_optimizer
+from sepp_ray.train.step import StepConfig, Trainer, prepare_loss_module
+
+
+def _trainer(args: argparse.Namespace, size: int, device: torch.device) -> Trainer:
+    torch.manual_seed(0)
+    method = create_method("simclr", backbone=args.backbone, cifar_stem=args.cifar_stem)
+    module = prepare_loss_module(method, device, channels_last=device.type == "cuda")
+    if args.compile:
+        module = torch.compile(module)  # type: ignore[assignment]
+    augment = GPUAugment(get_recipe("simclr", size), seed=0, channels_last=device.type == "cuda")
+    opt = build_optimizer("lars", method, 0.3, 1e-6)
+    method.train()
+    return Trainer(
+        module,
+        method,
+        augment,
+        opt,
+        StepConfig(channels_last=device.type == "cuda"),
+        total_steps=10_000,
+        warmup_steps=10,
+        base_lr=0.3,
+    )
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bare(args: argparse.Namespace, images: np.ndarray, device: torch.device) -> float:
+    tr = _trainer(args, images.shape[1], device)
+    x = torch.from_numpy(images[: args.batch]).to(device)
+    batch = {
+        "image": x,
+        "image2": x,
+        "id": torch.arange(args.batch, device=device),
+        "pos_ids": torch.full((args.batch, 1), -1, device=device),
+    }
+    for s in range(3):
+        tr.train_step(batch, 0, s)
+    _sync(device)
+    t0 = time.perf_counter()
+    for s in range(args.steps):
+        tr.train_step(batch, 0, 3 + s)
+    _sync(device)
+    return args.steps * args.batch / (time.perf_counter() - t0)
+
+
+class _TorchvisionPairs(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    def __init__(self, images: np.ndarray) -> None:
+        from torchvision.transforms import v2
+
+        self.images = images
+        s = images.shape[1]
+        self.t = v2.Compose(
+            [
+                v2.RandomResizedCrop(s, scale=(0.08, 1.0), antialias=True),
+                v2.RandomHorizontalFlip(),
+                v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+                v2.RandomGrayscale(p=0.2),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+            ]
+        )
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        img = torch.from_numpy(self.images[i]).permute(2, 0, 1)
+        return self.t(img), self.t(img), i
+
+
+def cpu_aug(args: argparse.Namespace, images: np.ndarray, device: torch.device) -> float:
+    from sepp_ray.train.step import LossModule
+
+    tr = _trainer(args, images.shape[1], device)
+    loss_module: LossModule = tr.loss_module
+    loader = torch.utils.data.DataLoader(
+        _TorchvisionPairs(images),
+        batch_size=args.batch,
+        shuffle=True,
+        drop_last=True,
+        num_workers=args.loader_workers,
+        persistent_workers=args.loader_workers > 0,
+        pin_memory=device.type == "cuda",
+    )
+    opt = tr.optimizer
+    n, t0 = 0, 0.0
+    for step, (v1, v2, ids) in enumerate(loader):
+        if step == 2:
+            _sync(device)
+            t0 = time.perf_counter()
+        v1, v2, ids = v1.to(device), v2.to(device), ids.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = loss_module([v1, v2], ids, None, 0)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step >= 2:
+            n += args.batch
+        if step >= args.steps + 1:
+            break
+    _sync(device)
+    return n / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dataset", required=True, help="an ingested dataset URI")
+    ap.add_argument("--backbone", default="resnet18")
+    ap.add_argument("--cifar-stem", action="store_true")
+    ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--epochs", type=int, default=3, help="Ray Train epochs (first = warm-up)")
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--loader-workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--skip-ray", action="store_true")
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ds = ImageDataset.open(args.dataset)
+    from sepp_ray.train.driver import _decode_uint8
+
+    size = int(ds.manifest["image_size"]["width"][0])
+    table = ds.read_table(["image"], split="train", limit=max(4 * args.batch, 2048))
+    images = _decode_uint8(table["image"].to_pylist(), size)
+    rows = {
+        "bare step (device aug)": bare(args, images, device),
+        "cpu torchvision aug DataLoader": cpu_aug(args, images, device),
+    }
+    if not args.skip_ray:
+        out = os.path.join(tempfile.mkdtemp(prefix="sepp-bench-pt-"), "run")
+        m = pretrain(
+            PretrainConfig(
+                dataset=args.dataset,
+                out=out,
+                backbone=args.backbone,
+                cifar_stem=args.cifar_stem,
+                epochs=args.epochs,
+                batch_size=args.batch,
+                warmup_epochs=1,
+                knn_monitor=False,
+                checkpoint_every=args.epochs,
+                compile=args.compile,
+                shuffle_buffer=0,
+            )
+        )
+        steady = [h["pairs_per_s"] for h in m["history"][1:]] or [m["history"][0]["pairs_per_s"]]
+        rows["ray train (1 worker)"] = float(np.mean(steady))
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "none"
+    print(
+        f"machine: {platform.node()}, {os.cpu_count()} CPUs, GPU {gpu}, torch "
+        f"{torch.__version__}; simclr {args.backbone} cifar_stem={args.cifar_stem} "
+        f"{size}px batch {args.batch}"
+    )
+    base = rows["bare step (device aug)"]
+    print("| pipeline | pairs/s | vs bare step |")
+    print("|---|---|---|")
+    for name, v in rows.items():
+        print(f"| {name} | {v:,.0f} | {v / base:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

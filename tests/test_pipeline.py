@@ -1,0 +1,41 @@
+"""`sepp pipeline` end to end on synthetic data, and its reuse of complete stages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sepp_ray.config import load
+from sepp_ray.pipeline import PipelineConfig, run_pipeline
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+
+def test_small_pipeline_then_a_rerun_reuses_every_stage(tmp_path: Path) -> None:
+    overrides = [
+        "source=synthetic",
+        f"work={tmp_path / 'work'}",
+        "source_options.n=120",
+        "source_options.size=16",
+        "bootstrap_epochs=1",
+        "pretrain.backbone=test_resnet",
+        "pretrain.epochs=1",
+        "pretrain.batch_size=32",
+        "pretrain.warmup_epochs=0",
+        "pretrain.knn_k=20",
+        "pretrain.cpus_per_worker=0.5",
+        "pretrain.shuffle_buffer=0",
+        "mining.lo=-1",
+        "mining.hi=0.9999",
+        "mining.k=20",
+        "protocols=knn",
+    ]
+    cfg = load(PipelineConfig, None, overrides)
+    first = run_pipeline(cfg)
+    report = Path(first["report"]).read_text()
+    assert "## Accuracy" in report and "pairs: 20 for 20 of 20 anchors" in report
+    assert set(first["timings"]) == {"data", "bootstrap", "pairs", "baseline", "sepp", "eval"}
+    assert (tmp_path / "work" / "report" / "pairs_grid.png").exists()
+    second = run_pipeline(load(PipelineConfig, None, overrides))
+    assert sorted(second["reused"]) == sorted(first["timings"])
