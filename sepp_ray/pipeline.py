@@ -23,7 +23,7 @@ from sepp_ray.data.sources import SourceOptions
 from sepp_ray.errors import IncompleteError
 from sepp_ray.mining.encoder import EncoderConfig
 from sepp_ray.mining.mine import MineConfig
-from sepp_ray.storage import Location, filesystem, read_manifest
+from sepp_ray.storage import Location, absolute, filesystem, read_manifest
 from sepp_ray.train.driver import PretrainConfig
 from sepp_ray.train.items import PairsConfig
 
@@ -88,6 +88,9 @@ def run_pipeline(c: PipelineConfig) -> dict[str, Any]:
     from sepp_ray.mining.pipeline import mine_command
     from sepp_ray.train.driver import pretrain
 
+    c = replace(c, work=absolute(c.work))
+    if c.sampler_checkpoint:
+        c = replace(c, sampler_checkpoint=absolute(c.sampler_checkpoint))
     st = Stages(c.work)
     c.mining.validate()
     replace(c.pretrain, dataset="x", out="x").validate()  # fail fast, before any stage runs

@@ -72,6 +72,17 @@ def filesystem(uri: str) -> tuple[AbstractFileSystem, str]:
     )
 
 
+def absolute(uri: str) -> str:
+    """``uri`` with a local path made absolute, so Ray workers (whose working directory is not
+    the driver's: Ray Train moves them into its own run folder) resolve it to the same place."""
+    if "://" in uri:
+        protocol, rest = uri.split("://", 1)
+        if protocol != "file":
+            return uri
+        return "file://" + os.path.abspath(os.path.expanduser(rest))
+    return os.path.abspath(os.path.expanduser(uri)) if uri else uri
+
+
 def is_remote(uri: str) -> bool:
     return "://" in uri and uri.split("://", 1)[0] in ("s3", "s3a")
 

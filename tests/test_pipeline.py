@@ -12,10 +12,15 @@ from sepp_ray.pipeline import PipelineConfig, run_pipeline
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
-def test_small_pipeline_then_a_rerun_reuses_every_stage(tmp_path: Path) -> None:
+def test_small_pipeline_then_a_rerun_reuses_every_stage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a relative work folder, as `make run` gives: Ray Train workers do not share the driver's
+    # working directory, so every stage must resolve it where the driver does
+    monkeypatch.chdir(tmp_path)
     overrides = [
         "source=synthetic",
-        f"work={tmp_path / 'work'}",
+        "work=work",
         "source_options.n=120",
         "source_options.size=16",
         "bootstrap_epochs=1",

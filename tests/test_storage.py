@@ -109,3 +109,15 @@ def test_manifest_is_json_with_user_fields(tmp_path: Path) -> None:
     finish_write(loc, {"kind": "k", "nested": {"a": [1, 2]}})
     raw = json.loads((tmp_path / "o" / MANIFEST).read_text())
     assert raw["nested"] == {"a": [1, 2]}
+
+
+def test_absolute_makes_local_paths_absolute_and_leaves_remote_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sepp_ray.storage import absolute
+
+    monkeypatch.chdir(tmp_path)
+    assert absolute("runs/x") == str(tmp_path / "runs" / "x")
+    assert absolute("file://runs/x") == f"file://{tmp_path / 'runs' / 'x'}"
+    assert absolute("s3://bucket/runs/x") == "s3://bucket/runs/x"
+    assert absolute("/already/absolute") == "/already/absolute"

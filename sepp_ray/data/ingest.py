@@ -25,7 +25,7 @@ from sepp_ray.data.images import process
 from sepp_ray.data.schema import IMAGE_SCHEMA, SHARDS_DIR
 from sepp_ray.data.sources.base import Source, image_id
 from sepp_ray.errors import SeppError
-from sepp_ray.storage import Location, begin_write, filesystem, finish_write
+from sepp_ray.storage import Location, absolute, begin_write, filesystem, finish_write
 
 log = logging.getLogger(__name__)
 ENCODINGS = ("keep", "png", "jpeg")
@@ -204,6 +204,7 @@ def ingest(
     if not units:
         raise SeppError(f"source {source.describe()} has nothing to read")
     fingerprint = source.fingerprint()
+    out_uri = absolute(out_uri)
     loc = begin_write(out_uri, overwrite=overwrite)
     try:
         init_ray()

@@ -15,7 +15,7 @@ import json
 import logging
 import posixpath
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from sepp_ray.config import opt
@@ -31,7 +31,7 @@ from sepp_ray.eval.features import (
 from sepp_ray.eval.linear import LinearProbeConfig
 from sepp_ray.eval.semisup import FinetuneConfig
 from sepp_ray.models.checkpoint import load_backbone
-from sepp_ray.storage import Location, begin_write, finish_write
+from sepp_ray.storage import Location, absolute, begin_write, finish_write
 
 log = logging.getLogger(__name__)
 PROTOCOLS = ("knn", "linear", "semisup", "detection")
@@ -219,6 +219,13 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     from sepp_ray.ray_utils import init_ray
 
     cfg.validate()
+    cfg = replace(
+        cfg,
+        checkpoints=[absolute(c) for c in cfg.checkpoints],
+        dataset=absolute(cfg.dataset),
+        out=absolute(cfg.out),
+        voc_root=absolute(cfg.voc_root) if cfg.voc_root else cfg.voc_root,
+    )
     ckpts, ds = _check_inputs(cfg)
     loc = begin_write(cfg.out, overwrite=cfg.overwrite, keep=(FEATURES,))
     init_ray()

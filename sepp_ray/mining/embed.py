@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import posixpath
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import numpy as np
@@ -22,7 +22,14 @@ from sepp_ray.data.dataset import ImageDataset
 from sepp_ray.errors import SeppError
 from sepp_ray.mining.anchors import Vectors
 from sepp_ray.mining.encoder import EncoderConfig, load_encoder
-from sepp_ray.storage import Location, begin_write, filesystem, finish_write, read_manifest
+from sepp_ray.storage import (
+    Location,
+    absolute,
+    begin_write,
+    filesystem,
+    finish_write,
+    read_manifest,
+)
 
 log = logging.getLogger(__name__)
 EMB_DIR = "embeddings"
@@ -53,6 +60,9 @@ def embed(
 
     from sepp_ray.ray_utils import init_ray
 
+    dataset_uri, out_uri = absolute(dataset_uri), absolute(out_uri)
+    if encoder.checkpoint:
+        encoder = replace(encoder, checkpoint=absolute(encoder.checkpoint))
     ds = ImageDataset.open(dataset_uri)
     present = list(ds.manifest["splits"])
     chosen = present if not splits else splits

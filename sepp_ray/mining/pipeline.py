@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 from sepp_ray.errors import SeppError
 from sepp_ray.mining.embed import EMB_DIR, embed
 from sepp_ray.mining.encoder import EncoderConfig, load_encoder
 from sepp_ray.mining.mine import MineConfig, mine
-from sepp_ray.storage import Location, begin_write, finish_write, read_manifest
+from sepp_ray.storage import Location, absolute, begin_write, finish_write, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,9 @@ def mine_command(
     rows_per_file: int = 100_000,
 ) -> dict[str, Any]:
     cfg.validate()  # bad thresholds etc. fail before anything is read or written
+    input_uri, out_uri = absolute(input_uri), absolute(out_uri)
+    if encoder.checkpoint:
+        encoder = replace(encoder, checkpoint=absolute(encoder.checkpoint))
     kind = read_manifest(input_uri).get("kind")
     if kind == "embeddings":
         loc = begin_write(out_uri, overwrite=overwrite)

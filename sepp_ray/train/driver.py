@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from sepp_ray.config import opt
 from sepp_ray.data.dataset import ImageDataset
 from sepp_ray.errors import SeppError
-from sepp_ray.storage import Location, begin_write, finish_write, read_manifest
+from sepp_ray.storage import Location, absolute, begin_write, finish_write, read_manifest
 from sepp_ray.train.items import PairsConfig, build_items
 
 log = logging.getLogger(__name__)
@@ -137,6 +137,16 @@ def _read_pairs_table(uri: str) -> Any:
     return read_pairs(uri)
 
 
+def _absolute_uris(cfg: PretrainConfig) -> PretrainConfig:
+    p = cfg.pairs
+    pairs = replace(
+        p,
+        pairs=absolute(p.pairs) if p.pairs else p.pairs,
+        curated=absolute(p.curated) if p.curated else p.curated,
+    )
+    return replace(cfg, dataset=absolute(cfg.dataset), out=absolute(cfg.out), pairs=pairs)
+
+
 def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     """Run (or resume) a pretraining run; returns the run's manifest."""
     import ray
@@ -150,6 +160,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     from sepp_ray.train.worker import train_loop
 
     cfg.validate()
+    cfg = _absolute_uris(cfg)
     ds = ImageDataset.open(cfg.dataset)
     if cfg.split not in ds.manifest["splits"]:
         raise SeppError(
