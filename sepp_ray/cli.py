@@ -25,6 +25,7 @@ from sepp_ray.eval.command import EvalConfig
 from sepp_ray.mining.encoder import EncoderConfig
 from sepp_ray.mining.mine import MineConfig
 from sepp_ray.pipeline import PipelineConfig
+from sepp_ray.sweep import SweepConfig
 from sepp_ray.train.driver import PretrainConfig
 
 log = logging.getLogger("sepp")
@@ -212,6 +213,14 @@ def run_pipeline_command(c: Any) -> int:
     return 0
 
 
+def run_sweep_command(c: Any) -> int:
+    from sepp_ray.sweep import run_sweep
+
+    r = run_sweep(c)
+    print(f"summary: {r['summary']}")
+    return 0
+
+
 @dataclass(frozen=True)
 class Command:
     config_cls: type
@@ -269,6 +278,12 @@ COMMANDS: dict[str, Command] = {
         run_pipeline_command,
         ("source",),
         "ingest -> bootstrap -> mine -> pretrain baseline and SePP -> eval -> report",
+    ),
+    "sweep": Command(
+        SweepConfig,
+        run_sweep_command,
+        ("source",),
+        "Ray Tune + ASHA over thresholds, K, method, backbone, lr, temperature; summary, plots",
     ),
     "pairs-report": Command(
         PairsReportConfig,

@@ -66,8 +66,12 @@ class Stages:
         self.timings: dict[str, float] = {}
         self.reused: list[str] = []
 
-    def run(self, name: str, payload: dict[str, Any], fn: Any) -> tuple[str, dict[str, Any]]:
-        uri = f"{self.work}/{name}-{stage_hash(payload)}"
+    def run(
+        self, name: str, payload: dict[str, Any], fn: Any, folder: str | None = None
+    ) -> tuple[str, dict[str, Any]]:
+        """Run stage ``name`` into WORK/<folder or name>-<hash of payload>, or reuse it there.
+        Stages that share a folder prefix share outputs when their payloads are equal."""
+        uri = f"{self.work}/{folder or name}-{stage_hash(payload)}"
         done = _complete(uri)
         if done is not None:
             print(f"[pipeline] {name}: reusing {uri}", flush=True)
@@ -116,7 +120,9 @@ def run_pipeline(c: PipelineConfig) -> dict[str, Any]:
             "cfg": {k: v for k, v in asdict(cfg).items() if k not in ("out", "dataset")},
             "pairs_fp": _pairs_identity(pairs.pairs),
         }
-        return st.run(name, payload, lambda uri: pretrain(replace(cfg, out=uri)))
+        # plain runs share a folder: a bootstrap as long as the baseline is the baseline
+        folder = "plain" if not pairs.pairs and not pairs.curated else name
+        return st.run(name, payload, lambda uri: pretrain(replace(cfg, out=uri)), folder)
 
     # 2. the sampler: given, or bootstrapped by a plain run
     if c.sampler_checkpoint:
@@ -183,6 +189,10 @@ def _pairs_identity(uri: str | None) -> Any:
     }
 
 
+def _items(run: dict[str, Any]) -> str:
+    return ", ".join(f"{n} {kind}" for kind, n in run["items"].items() if n) or "none"
+
+
 def write_pipeline_report(
     c: PipelineConfig,
     data_uri: str,
@@ -210,7 +220,7 @@ def write_pipeline_report(
         f"- pairs: {pairs['num_pairs']} for {pairs['anchors_with_positive']} of {pairs['k']} "
         f"anchors in [{pairs['lo']}, {pairs['hi']}]"
         + (f", pair precision {prec:.3f}" if prec is not None else ""),
-        f"- training items: baseline {base['items']}, SePP {sepp['items']}",
+        f"- training items: baseline {_items(base)}; SePP {_items(sepp)}",
         "",
         "## Accuracy: baseline (first row) versus SePP (second row)",
         "",

@@ -23,7 +23,7 @@ def test_small_pipeline_then_a_rerun_reuses_every_stage(
         "work=work",
         "source_options.n=120",
         "source_options.size=16",
-        "bootstrap_epochs=1",
+        "bootstrap_epochs=1",  # = pretrain.epochs
         "pretrain.backbone=test_resnet",
         "pretrain.epochs=1",
         "pretrain.batch_size=32",
@@ -42,5 +42,7 @@ def test_small_pipeline_then_a_rerun_reuses_every_stage(
     assert "## Accuracy" in report and "pairs: 20 for 20 of 20 anchors" in report
     assert set(first["timings"]) == {"data", "bootstrap", "pairs", "baseline", "sepp", "eval"}
     assert (tmp_path / "work" / "report" / "pairs_grid.png").exists()
+    # the bootstrap run is as long as the baseline and equal to it: trained once, reused
+    assert "baseline" in first["reused"] and first["reused"] == ["baseline"]
     second = run_pipeline(load(PipelineConfig, None, overrides))
     assert sorted(second["reused"]) == sorted(first["timings"])

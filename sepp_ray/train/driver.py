@@ -147,8 +147,12 @@ def _absolute_uris(cfg: PretrainConfig) -> PretrainConfig:
     return replace(cfg, dataset=absolute(cfg.dataset), out=absolute(cfg.out), pairs=pairs)
 
 
-def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
-    """Run (or resume) a pretraining run; returns the run's manifest."""
+def pretrain(cfg: PretrainConfig, callbacks: list[Any] | None = None) -> dict[str, Any]:
+    """Run (or resume) a pretraining run; returns the run's manifest.
+
+    ``callbacks``: Ray Train callbacks for the run, e.g. Tune's ``TuneReportCallback`` so a
+    sweep trial forwards each epoch's metrics (the kNN monitor) to Tune's scheduler.
+    """
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -217,6 +221,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         storage_path=_storage_path(storage.uri),
         storage_filesystem=_storage_fs(storage.uri),
         failure_config=FailureConfig(max_failures=cfg.max_failures),
+        callbacks=callbacks,
     )
     trainer = TorchTrainer(
         train_loop,
@@ -244,7 +249,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     if final is None or final[0] != cfg.epochs:
         raise SeppError(f"training ended without its final checkpoint in {cfg.out}")
     ckpt = read_manifest(final[1])
-    history, starts = _history(final[1])
+    history, starts, nodes = _history(final[1])
     manifest = {
         "kind": "pretrain",
         "final_checkpoint": final[1],
@@ -257,6 +262,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         "image_size": size,
         "use_gpu": use_gpu,
         "workers": cfg.workers,
+        "worker_nodes": nodes,
         "wall_seconds": round(wall, 2),
         "final_metrics": ckpt.get("metrics"),
         "history": history,
@@ -270,11 +276,16 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     return manifest
 
 
-def _history(ckpt_uri: str) -> tuple[list[dict[str, Any]], list[int]]:
+def _history(ckpt_uri: str) -> tuple[list[dict[str, Any]], list[int], list[str]]:
+    """(per-epoch metrics, epochs at which the loop (re)started, node id of each rank)."""
     from sepp_ray.train.state import load_training_state
 
     state, _ = load_training_state(ckpt_uri)
-    return list(state.get("history", [])), list(state.get("starts", []))
+    return (
+        list(state.get("history", [])),
+        list(state.get("starts", [])),
+        list(state.get("nodes", [])),
+    )
 
 
 def _storage_path(uri: str) -> str:

@@ -172,6 +172,10 @@ def train_loop(config: dict[str, Any]) -> None:
         if rank == 0:
             print(f"[sepp] resuming from {latest[1]} (epoch {start_epoch})", flush=True)
     starts.append(start_epoch)  # one entry per (re)start of this loop: recovery is visible
+    nodes: list[Any] = [ray.get_runtime_context().get_node_id()]
+    if dist.is_dist():  # which node each rank runs on, recorded in the run's manifest
+        nodes = [None] * world
+        tdist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     meta = BackboneMeta(
         c["backbone"],
         c["cifar_stem"],
@@ -232,6 +236,7 @@ def train_loop(config: dict[str, Any]) -> None:
                     "epoch": epoch + 1,
                     "history": history,
                     "starts": starts,
+                    "nodes": nodes,
                 }
                 save_training_checkpoint(
                     c["out"],

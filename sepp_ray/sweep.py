@@ -1,0 +1,356 @@
+"""`sepp sweep`: Ray Tune over thresholds, K, method, backbone, learning rate and temperature.
+
+The driver ingests (or reuses) the data, bootstraps (or takes) one sampler and mines the pairs
+of every distinct (lo, hi, K) up front, each into ``OUT/pairs-<hash>``: trials that share a
+sampler config share one mining, and no two trials race to write it. Tune then runs one trial
+per grid point (x ``num_samples`` seeds); each trial launches a Ray Train pretraining run into
+``OUT/trials/trial-<hash>`` whose per-epoch metrics reach Tune through ``TuneReportCallback``,
+so ASHA (arXiv 1810.05934) stops weak trials on the kNN monitor. Tune's state lives in
+``OUT/tune/<experiment>`` (local or s3://): a rerun after an interruption restores it
+(``Tuner.restore``) and each unfinished trial resumes from its own newest checkpoint. Last,
+every trial's newest checkpoint is evaluated in one table and the summary is written.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from sepp_ray.config import opt
+from sepp_ray.data.ingest import ImageOptions
+from sepp_ray.data.sources import SourceOptions
+from sepp_ray.errors import SeppError
+from sepp_ray.mining.mine import MineConfig
+from sepp_ray.pipeline import Stages, _complete, _pairs_identity, stage_hash
+from sepp_ray.storage import Location, absolute, begin_write, finish_write
+from sepp_ray.train.driver import PretrainConfig, _storage_fs, _storage_path
+from sepp_ray.train.items import PairsConfig
+
+log = logging.getLogger(__name__)
+MINING_KEYS = ("lo", "hi", "k")
+TRAIN_KEYS = ("method", "backbone", "base_lr", "temperature")
+
+
+@dataclass
+class SearchSpace:
+    """Values to grid-search; an empty list keeps the base config's value."""
+
+    lo: list[float] = opt([], "lower cosine thresholds (mining.lo)")
+    hi: list[float] = opt([], "upper cosine thresholds (mining.hi)")
+    k: list[float] = opt([], "anchors: fractions or counts (mining.k)")
+    method: list[str] = opt([], "SSL methods (pretrain.method)")
+    backbone: list[str] = opt([], "backbones (pretrain.backbone)")
+    base_lr: list[float] = opt([], "learning rates at batch 256 (pretrain.base_lr)")
+    temperature: list[float] = opt([], "loss temperatures (pretrain.hparams.temperature)")
+
+
+@dataclass
+class SweepConfig:
+    source: str = opt("digits", "images to ingest (path, URI or built-in), or an ingested URI")
+    out: str = opt("runs/sweep", "stages, trials, Tune state and the summary (local or s3://)")
+    format: str = opt("auto", "source format (see `sepp ingest --help`)")
+    sampler_checkpoint: str | None = opt(None, "a checkpoint to mine with; none: bootstrap one")
+    bootstrap_epochs: int = opt(10, "epochs of the plain bootstrap run that becomes the sampler")
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    mining: MineConfig = field(default_factory=MineConfig)
+    pairs_mode: str = opt("dataset", "how pairs enter training: dataset, multi_positive, both")
+    space: SearchSpace = field(default_factory=SearchSpace)
+    num_samples: int = opt(1, "trials per grid point, seeded pretrain.seed, +1, ...")
+    grace_period: int = opt(1, "ASHA: epochs every trial runs before it may be stopped")
+    reduction_factor: float = opt(2.0, "ASHA: a rung keeps the best 1/reduction_factor")
+    metric: str = opt("knn_top1", "the per-epoch metric ASHA ranks trials by")
+    mode: str = opt("max", "max or min: whether a larger metric is better")
+    gpus_per_trial: int | None = opt(
+        None,
+        "GPUs (= training workers) per trial; default: pretrain.workers on a GPU cluster, else 0",
+    )
+    cpus_per_trial: float | None = opt(
+        None,
+        "CPUs one trial uses, for the concurrency on "
+        "CPU clusters (default: workers x cpus_per_worker + 1)",
+    )
+    max_concurrent: int | None = opt(
+        None, "trials at once (default: cluster GPUs // gpus_per_trial, or CPUs // cpus_per_trial)"
+    )
+    protocols: list[str] = opt(["knn"], "evaluation protocols of every trial's last checkpoint")
+    images: ImageOptions = field(default_factory=ImageOptions)
+    source_options: SourceOptions = field(default_factory=SourceOptions)
+
+
+def axes(c: SweepConfig) -> dict[str, list[Any]]:
+    """The searched keys and their values: the non-empty lists, plus seeds for num_samples."""
+    out = {k: list(dict.fromkeys(v)) for k, v in asdict(c.space).items() if v}
+    if c.num_samples > 1:
+        out["seed"] = [c.pretrain.seed + i for i in range(c.num_samples)]
+    return out
+
+
+def _product(ax: dict[str, list[Any]], keys: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+    """Every combination of the axes among ``keys`` ([{}] when none is searched)."""
+    sel = {k: v for k, v in ax.items() if keys is None or k in keys}
+    return [dict(zip(sel, vals, strict=True)) for vals in itertools.product(*sel.values())]
+
+
+def mining_for(base: MineConfig, params: dict[str, Any]) -> MineConfig:
+    return replace(base, **{k: params[k] for k in MINING_KEYS if k in params})
+
+
+def trial_pretrain(ctx: dict[str, Any], params: dict[str, Any]) -> PretrainConfig:
+    """The pretraining config of one trial (``out`` left empty; see ``trial_out``)."""
+    base: PretrainConfig = ctx["base"]
+    hparams = dict(base.hparams)
+    if "temperature" in params:
+        hparams["temperature"] = params["temperature"]
+    pairs_key = stage_hash(asdict(mining_for(ctx["mining"], params)))
+    return replace(
+        base,
+        **{k: params[k] for k in ("method", "backbone", "base_lr", "seed") if k in params},
+        hparams=hparams,
+        dataset=ctx["data_uri"],
+        out="",
+        overwrite=False,
+        pairs=PairsConfig(pairs=ctx["pairs"].get(pairs_key), mode=ctx["pairs_mode"]),
+    )
+
+
+def trial_out(ctx: dict[str, Any], cfg: PretrainConfig) -> str:
+    """OUT/trials/trial-<hash of data, config and pairs>: a fresh Tune run reuses it too."""
+    payload = {
+        "data": ctx["data_fp"],
+        "cfg": {k: v for k, v in asdict(cfg).items() if k not in ("out", "dataset")},
+        "pairs_fp": _pairs_identity(cfg.pairs.pairs),
+    }
+    return f"{ctx['out']}/trials/trial-{stage_hash(payload)}"
+
+
+def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
+    """One Tune trial: a (resumable) pretraining run whose epochs Tune sees as results."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from sepp_ray.train.driver import pretrain
+
+    cfg = trial_pretrain(ctx, params)
+    out = trial_out(ctx, cfg)
+    done = _complete(out)
+    if done is None:
+        pretrain(replace(cfg, out=out), callbacks=[TuneReportCallback()])
+    else:  # finished by an earlier sweep: replay its curve so the scheduler sees it alike
+        for h in done["history"]:
+            tune.report(h)
+
+
+def _check_backbone(name: str) -> None:
+    import timm
+
+    from sepp_ray.models.backbones import list_backbones
+
+    if name not in list_backbones() and not timm.models.is_model(name):
+        raise SeppError(
+            f"unknown backbone {name!r} in the search space: use a timm model name or one of "
+            f"{list_backbones()}"
+        )
+
+
+def validate(c: SweepConfig) -> list[dict[str, Any]]:
+    """Every trial's params, after checking each combination: bad input fails before Ray."""
+    from sepp_ray.eval.command import PROTOCOLS
+
+    PairsConfig(mode=c.pairs_mode).validate()
+    if c.mode not in ("max", "min"):
+        raise SeppError(f"mode must be max or min, got {c.mode!r}")
+    for name in ("num_samples", "grace_period"):
+        if getattr(c, name) < 1:
+            raise SeppError(f"{name} must be >= 1, got {getattr(c, name)}")
+    if c.grace_period > c.pretrain.epochs:
+        raise SeppError(f"grace_period {c.grace_period} exceeds pretrain.epochs: lower it")
+    if c.reduction_factor <= 1:
+        raise SeppError(f"reduction_factor must be > 1, got {c.reduction_factor}")
+    if c.max_concurrent is not None and c.max_concurrent < 1:
+        raise SeppError(f"max_concurrent must be >= 1, got {c.max_concurrent}")
+    bad = sorted(set(c.protocols) - set(PROTOCOLS))
+    if bad or not c.protocols:
+        raise SeppError(f"unknown protocol(s) {bad or '(none given)'}: choose among {PROTOCOLS}")
+    ax = axes(c)
+    for m in _product(ax, MINING_KEYS):
+        mining_for(c.mining, m).validate()
+    ctx = {"base": c.pretrain, "mining": c.mining, "data_uri": "x", "pairs": {}, "pairs_mode": ""}
+    trials = _product(ax)
+    for params in trials:
+        cfg = trial_pretrain(ctx, params)
+        replace(cfg, out="x", pairs=c.pretrain.pairs).validate()
+        _check_backbone(cfg.backbone)
+    return trials
+
+
+def _check_monitor(c: SweepConfig, data: dict[str, Any]) -> None:
+    """ASHA on a kNN metric needs the monitor, which needs labels in both splits."""
+    if not c.metric.startswith("knn"):
+        return
+    splits = data["splits"]
+    labeled = all(splits.get(s, {}).get("labeled", 0) > 0 for s in (c.pretrain.split, "test"))
+    if not (c.pretrain.knn_monitor and labeled):
+        raise SeppError(
+            f"metric {c.metric} comes from the kNN monitor, which needs pretrain.knn_monitor=true "
+            f"and labeled {c.pretrain.split!r} and 'test' splits; or set metric=loss mode=min"
+        )
+    if c.pretrain.knn_every > c.grace_period:
+        log.warning(
+            "pretrain.knn_every=%d > grace_period=%d: ASHA only decides at epochs with a kNN "
+            "monitor result",
+            c.pretrain.knn_every,
+            c.grace_period,
+        )
+
+
+def _resources(c: SweepConfig) -> tuple[int, bool, int, float]:
+    """(workers per trial, use_gpu, trials at once, CPUs per trial) from the cluster's shape."""
+    import ray
+
+    from sepp_ray.ray_utils import init_ray
+
+    init_ray()
+    res = ray.cluster_resources()
+    gpus, cpus = int(res.get("GPU", 0)), float(res.get("CPU", 1))
+    per = c.gpus_per_trial if c.gpus_per_trial is not None else (c.pretrain.workers if gpus else 0)
+    if per > gpus:
+        raise SeppError(f"gpus_per_trial={per} but the cluster has {gpus} GPUs")
+    workers = per or c.pretrain.workers
+    cpus_per = c.cpus_per_trial or workers * c.pretrain.cpus_per_worker + 1
+    auto = gpus // per if per else int(cpus // cpus_per)
+    return workers, bool(per), c.max_concurrent or max(1, auto), cpus_per
+
+
+def _dirname(trial: Any) -> str:
+    return str(trial.trial_id)
+
+
+def _tuner(
+    c: SweepConfig, trainable: Any, ax: dict[str, list[Any]], name: str, conc: int
+) -> tuple[Any, bool]:
+    """The sweep's Tuner: restored when an interrupted run of the same sweep is on storage."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    tune_uri = f"{c.out}/tune"
+    fs = _storage_fs(tune_uri)
+    path = f"{_storage_path(tune_uri)}/{name}"
+    if tune.Tuner.can_restore(path, storage_filesystem=fs):
+        print(f"[sweep] restoring the interrupted sweep {tune_uri}/{name}", flush=True)
+        tuner = tune.Tuner.restore(
+            path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs
+        )
+        return tuner, True
+    scheduler = ASHAScheduler(
+        time_attr="epoch",  # not Tune's iteration count, which restarts with a restored trial
+        max_t=c.pretrain.epochs,
+        grace_period=c.grace_period,
+        reduction_factor=c.reduction_factor,
+    )
+    tuner = tune.Tuner(
+        trainable,
+        param_space={k: tune.grid_search(v) for k, v in ax.items()},
+        tune_config=tune.TuneConfig(
+            metric=c.metric,
+            mode=c.mode,
+            scheduler=scheduler,
+            max_concurrent_trials=conc,
+            trial_dirname_creator=_dirname,
+        ),
+        run_config=tune.RunConfig(
+            name=name, storage_path=_storage_path(tune_uri), storage_filesystem=fs
+        ),
+    )
+    return tuner, False
+
+
+def run_sweep(c: SweepConfig) -> dict[str, Any]:
+    """Run (or restore and finish) the sweep; returns the summary's URI and one row per trial."""
+    from ray import tune
+
+    from sepp_ray.prepare import mine_stage, prepare_data, sampler_checkpoint
+    from sepp_ray.sweep_report import collect_rows, evaluate, write_summary
+
+    c = replace(c, out=absolute(c.out))
+    if c.sampler_checkpoint:
+        c = replace(c, sampler_checkpoint=absolute(c.sampler_checkpoint))
+    validate(c)
+    workers, use_gpu, conc, cpus_per = _resources(c)
+    c = replace(c, pretrain=replace(c.pretrain, workers=workers, use_gpu=use_gpu))
+    # OUT holds the stages too: keep them all, only the manifest goes until the summary is done
+    loc = begin_write(c.out, overwrite=True, keep=tuple(Location(c.out).listdir()))
+    st = Stages(c.out)
+    data_uri, data = prepare_data(st, c.source, c.format, c.source_options, c.images)
+    _check_monitor(c, data)
+    data_fp = data["source"]["fingerprint"]
+    sampler = sampler_checkpoint(
+        st, c.sampler_checkpoint, c.pretrain, data_uri, data_fp, c.bootstrap_epochs
+    )
+    ax = axes(c)
+    pairs: dict[str, str] = {}
+    mined: dict[str, dict[str, Any]] = {}
+    for m in _product(ax, MINING_KEYS):  # every distinct sampler config, mined once, up front
+        mcfg = mining_for(c.mining, m)
+        uri, manifest = mine_stage(st, data_uri, data_fp, sampler, mcfg, c.pretrain.split)
+        pairs[stage_hash(asdict(mcfg))], mined[uri] = uri, manifest
+    ctx = {
+        "base": c.pretrain,
+        "mining": c.mining,
+        "data_uri": data_uri,
+        "data_fp": data_fp,
+        "pairs": pairs,
+        "pairs_mode": c.pairs_mode,
+        "out": c.out,
+    }
+    name = "sweep-" + stage_hash(
+        {
+            "data": data_fp,
+            "pairs": pairs,
+            "pretrain": asdict(c.pretrain),
+            "axes": ax,
+            "asha": [c.grace_period, c.reduction_factor, c.metric, c.mode],
+        }
+    )
+    # the trial itself holds almost nothing: its Ray Train workers reserve their own resources
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"cpu": 0.01})
+    tuner, restored = _tuner(c, trainable, ax, name, conc)
+    grid = tuner.fit()
+    rows = collect_rows(grid, ctx, mined)
+    if rows and all(r["status"] == "error" for r in rows):
+        raise SeppError(f"every trial failed; the first error: {rows[0]['error']}")
+    evaluate(st, rows, data_uri, data, c.protocols)
+    experiment = f"{c.out}/tune/{name}"
+    files = write_summary(loc, rows, c, experiment)
+    finish_write(
+        loc,
+        {
+            "kind": "sweep",
+            "experiment": experiment,
+            "restored": restored,
+            "trials": len(rows),
+            "concurrency": conc,
+            "cpus_per_trial": cpus_per,
+            "scheduler": {
+                "name": "ASHA",
+                "time_attr": "epoch",
+                "max_t": c.pretrain.epochs,
+                "grace_period": c.grace_period,
+                "reduction_factor": c.reduction_factor,
+                "metric": c.metric,
+                "mode": c.mode,
+            },
+            "files": files,
+            "stages": st.timings,
+            "config": json.loads(json.dumps(asdict(c), default=str)),
+        },
+    )
+    print(f"[sweep] summary: {c.out}/summary.md; TensorBoard: {experiment}", flush=True)
+    return {
+        "summary": f"{c.out}/summary.md",
+        "experiment": experiment,
+        "restored": restored,
+        "rows": rows,
+    }

@@ -1,0 +1,226 @@
+"""What a sweep leaves behind: one row per trial, their evaluation, a table and two plots.
+
+A trial's row joins three sources: Tune's per-epoch results (what ASHA saw), the trial's own
+pretraining output (its newest checkpoint, also for a trial ASHA stopped) and the mined pairs
+it trained with (count and pair precision). Accuracies are those of one ``sepp eval`` over every
+trial's newest checkpoint, so all trials are judged by the same protocol in one table.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import posixpath
+from typing import Any
+
+from sepp_ray.pipeline import Stages, _complete
+from sepp_ray.storage import Location, read_manifest
+
+PARAMS = ("lo", "hi", "k", "method", "backbone", "base_lr", "temperature", "seed")
+CURVE = ("epoch", "loss", "knn_top1", "knn_top5")
+
+
+def _num(v: Any) -> Any:
+    """NaN (an epoch without a kNN result in Tune's table) as None, numpy scalars as Python."""
+    if v is None:
+        return None
+    if isinstance(v, (int, float)) or hasattr(v, "item"):
+        f = float(v)
+        return None if math.isnan(f) else (int(f) if f.is_integer() and abs(f) < 2**53 else f)
+    return v
+
+
+def _history(result: Any) -> list[dict[str, Any]]:
+    df = result.metrics_dataframe
+    if df is None or "epoch" not in df:
+        return []
+    cols = [c for c in CURVE if c in df]
+    return [{c: _num(v) for c, v in zip(cols, vals, strict=True)} for vals in df[cols].values]
+
+
+def collect_rows(grid: Any, ctx: dict[str, Any], mined: dict[str, dict[str, Any]]) -> list[dict]:
+    """One row per Tune trial, in trial order (the order trials started in)."""
+    from sepp_ray.methods import make_hparams
+    from sepp_ray.sweep import mining_for, trial_out, trial_pretrain
+    from sepp_ray.train.state import list_checkpoints
+
+    rows = []
+    for result in grid:
+        params = dict(result.config or {})
+        cfg, mcfg = trial_pretrain(ctx, params), mining_for(ctx["mining"], params)
+        out = trial_out(ctx, cfg)
+        history = _history(result)
+        done = _complete(out)
+        run = max([int(h["epoch"]) for h in history if h.get("epoch")] or [0])
+        if done is not None:
+            run = max(run, int(done["epochs"]))
+        # the newest checkpoint the trial reached by its last result (what ASHA judged)
+        ckpts = [u for e, u in list_checkpoints(out) if e <= run]
+        pairs = mined.get(cfg.pairs.pairs or "", {})
+        monitor = [h["knn_top1"] for h in history if h.get("knn_top1") is not None]
+        hp = make_hparams(cfg.method, **cfg.hparams)
+        err = result.error
+        rows.append(
+            {
+                "trial": posixpath.basename(str(result.path).rstrip("/")),
+                "status": "error" if err else ("done" if run >= cfg.epochs else "stopped"),
+                "error": f"{type(err).__name__}: {err}" if err else None,
+                "lo": mcfg.lo,
+                "hi": mcfg.hi,
+                "k": mcfg.k,
+                "method": cfg.method,
+                "backbone": cfg.backbone,
+                "base_lr": cfg.base_lr,
+                "temperature": getattr(hp, "temperature", None),
+                "seed": cfg.seed,
+                "pairs_uri": cfg.pairs.pairs,
+                "pairs": pairs.get("num_pairs"),
+                "precision": (pairs.get("precision") or {}).get("overall"),
+                "epochs": cfg.epochs,
+                "epochs_run": run,
+                "stopped_early": run < cfg.epochs,
+                "monitor_top1": monitor[-1] if monitor else None,
+                "history": history,
+                "out": out,
+                "checkpoint": ckpts[-1] if ckpts else None,
+                "eval": {},
+                "top1": None,
+            }
+        )
+    return sorted(rows, key=lambda r: r["trial"])
+
+
+def evaluate(
+    st: Stages, rows: list[dict], data_uri: str, data: dict[str, Any], protocols: list[str]
+) -> None:
+    """One ``sepp eval`` of every trial's checkpoint (a reused stage on a rerun); fills the
+    rows' ``eval`` and ``top1`` (the accuracy the plots show: kNN, else linear, else monitor)."""
+    from sepp_ray.eval.command import EvalConfig, read_metrics, run_eval
+
+    ckpts = [r["checkpoint"] for r in rows if r["checkpoint"]]
+    if ckpts:
+        train = data["splits"].get("train", {}).get("total", 200)
+        uri, _ = st.run(
+            "eval",
+            {
+                "ckpts": [read_manifest(x).get("sha256") for x in ckpts],
+                "data": data["source"]["fingerprint"],
+                "protocols": protocols,
+            },
+            lambda out: run_eval(
+                EvalConfig(
+                    checkpoints=ckpts,
+                    dataset=data_uri,
+                    protocols=list(protocols),
+                    out=out,
+                    overwrite=True,
+                    k=min(200, train),
+                )
+            ),
+        )
+        heads = {e["uri"]: e["headline"] for e in read_metrics(uri)["checkpoints"]}
+    for r in rows:
+        r["eval"] = heads.get(r["checkpoint"], {}) if ckpts else {}
+        r["top1"] = r["eval"].get("kNN top-1", r["eval"].get("linear top-1", r["monitor_top1"]))
+
+
+def _pct(v: float | None) -> str:
+    return "—" if v is None else f"{100 * v:.2f}"
+
+
+def _cell(v: Any) -> str:
+    return "—" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def summary_markdown(rows: list[dict], c: Any, experiment: str) -> str:
+    cols = list(dict.fromkeys(k for r in rows for k in r["eval"]))
+    best = sorted(rows, key=lambda r: -1.0 if r["top1"] is None else r["top1"], reverse=True)
+    count = {s: sum(r["status"] == s for r in rows) for s in ("done", "stopped", "error")}
+    lines = [
+        "# sepp-ray sweep",
+        "",
+        f"- base: {c.pretrain.method}, backbone {c.pretrain.backbone}, {c.pretrain.epochs} "
+        f"epochs, batch {c.pretrain.batch_size}; pairs mode {c.pairs_mode}",
+        f"- {len(rows)} trials: {count['done']} ran all epochs, {count['stopped']} stopped "
+        f"early by ASHA (grace {c.grace_period}, reduction {c.reduction_factor:g}, "
+        f"{c.metric} {c.mode}), {count['error']} failed",
+        f"- Tune experiment (TensorBoard: `tensorboard --logdir {experiment}`)",
+        "",
+        "## Trials, best first (accuracies in %)",
+        "",
+        "| trial | "
+        + " | ".join(PARAMS)
+        + " | pairs | pair precision | monitor top-1 | "
+        + "".join(f"{col} | " for col in cols)
+        + "epochs run | stopped early |",
+        "|---" * (len(PARAMS) + 6 + len(cols)) + "|",
+    ]
+    for r in best:
+        cells = [_cell(r[p]) for p in PARAMS]
+        evals = [_pct(r["eval"].get(col)) for col in cols]
+        lines.append(
+            f"| {r['trial']} | " + " | ".join(cells) + f" | {_cell(r['pairs'])} | "
+            f"{_pct(r['precision'])} | {_pct(r['monitor_top1'])} | "
+            + "".join(f"{e} | " for e in evals)
+            + f"{r['epochs_run']}/{r['epochs']} | {'yes' if r['stopped_early'] else 'no'} |"
+        )
+    errors = [r for r in rows if r["error"]]
+    if errors:
+        lines += ["", "## Failed trials", ""] + [f"- {r['trial']}: {r['error']}" for r in errors]
+    lines += ["", "![accuracy versus threshold](acc_vs_threshold.png)", ""]
+    lines += ["![accuracy versus K](acc_vs_k.png)", ""]
+    return "\n".join(lines)
+
+
+def accuracy_plot(rows: list[dict], x: str, series: tuple[str, ...], title: str) -> bytes:
+    """PNG: top-1 against ``x``, one line (mean over the other keys) per value of ``series``;
+    hollow markers are trials ASHA stopped early."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
+    pts = [r for r in rows if r["top1"] is not None and r[x] is not None]
+    groups: dict[tuple, list[dict]] = {}
+    for r in pts:
+        groups.setdefault(tuple(r[s] for s in series), []).append(r)
+    for key, rs in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        label = ", ".join(f"{s}={v:g}" for s, v in zip(series, key, strict=True)) or None
+        xs = sorted({r[x] for r in rs})
+        means = [
+            100 * sum(r["top1"] for r in rs if r[x] == v) / sum(r[x] == v for r in rs) for v in xs
+        ]
+        (line,) = ax.plot(xs, means, "-", label=label)
+        for r in rs:
+            face = "none" if r["stopped_early"] else line.get_color()
+            ax.plot(r[x], 100 * r["top1"], "o", mfc=face, mec=line.get_color())
+    ax.set_xlabel(x)
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(title)
+    if any(ax.get_legend_handles_labels()[1]):
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_summary(loc: Location, rows: list[dict], c: Any, experiment: str) -> dict[str, str]:
+    """summary.md, the two plots and results.json into the sweep's output (manifest after)."""
+    loc.write_bytes("summary.md", summary_markdown(rows, c, experiment).encode())
+    loc.write_bytes(
+        "acc_vs_threshold.png",
+        accuracy_plot(rows, "lo", ("hi",), "accuracy versus lower threshold"),
+    )
+    loc.write_bytes("acc_vs_k.png", accuracy_plot(rows, "k", ("lo", "hi"), "accuracy versus K"))
+    loc.write_bytes(
+        "results.json", json.dumps({"experiment": experiment, "rows": rows}, indent=2).encode()
+    )
+    return {
+        "summary": "summary.md",
+        "results": "results.json",
+        "plots": "acc_vs_threshold.png,acc_vs_k.png",
+    }
