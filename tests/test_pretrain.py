@@ -108,6 +108,23 @@ def test_a_crashed_run_resumes_from_its_last_checkpoint(
         pretrain(_cfg(images, out, epochs=2))
 
 
+def test_a_diverging_run_stops_with_a_clear_error_and_keeps_the_good_checkpoint(
+    data: tuple[str, str], tmp_path: Path
+) -> None:
+    images, _ = data
+    out = tmp_path / "run"
+    pretrain(_cfg(images, out, epochs=1))
+    loc = Location(str(out))  # as after a crash: continue the run, now with an absurd lr
+    loc.fs.rm(loc.join("manifest.json"))
+    loc.write_bytes("_SEPP_WRITING", b"{}")
+    with pytest.raises(SeppError, match="cannot resume .*optimizer 'lars' -> 'sgd'"):
+        pretrain(_cfg(images, out, epochs=3, optimizer="sgd"))
+    with pytest.raises(SeppError, match="(?s)non-finite.*last good checkpoint is kept"):
+        pretrain(_cfg(images, out, epochs=3, base_lr=1e30))
+    assert [e for e, _ in list_checkpoints(str(out))] == [1]
+    assert not (out / "manifest.json").exists()
+
+
 @pytest.mark.slow
 def test_a_killed_worker_resumes_from_the_checkpoint(data: tuple[str, str], tmp_path: Path) -> None:
     images, _ = data

@@ -8,6 +8,7 @@ NCCL on GPUs), ``FailureConfig`` restarts, and resume from the newest complete c
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -160,7 +161,7 @@ def pretrain(cfg: PretrainConfig, callbacks: list[Any] | None = None) -> dict[st
     from sepp_ray.ray_utils import init_ray
     from sepp_ray.train.decode import DecodeItems
     from sepp_ray.train.optim import scaled_lr
-    from sepp_ray.train.state import CKPT_DIR, latest_checkpoint
+    from sepp_ray.train.state import CKPT_DIR, DIVERGED, latest_checkpoint
     from sepp_ray.train.worker import train_loop
 
     cfg.validate()
@@ -191,6 +192,8 @@ def pretrain(cfg: PretrainConfig, callbacks: list[Any] | None = None) -> dict[st
         raise SeppError(f"{cfg.workers} GPU workers asked for, the cluster has {gpus} GPUs")
     # a complete run is final; a crashed one keeps its checkpoints and resumes from them
     keep = (CKPT_DIR, "tensorboard") if not cfg.overwrite else ()
+    if not cfg.overwrite:
+        _check_resumable(cfg)
     loc = begin_write(cfg.out, overwrite=cfg.overwrite, keep=keep)
     resumed = latest_checkpoint(cfg.out)
     steps_per_epoch = items.num_rows // cfg.batch_size
@@ -239,10 +242,11 @@ def pretrain(cfg: PretrainConfig, callbacks: list[Any] | None = None) -> dict[st
     wall = time.perf_counter() - t0
     if result.error is not None:
         raise SeppError(f"training failed: {result.error}")
-    metrics = dict(result.metrics or {})
-    if "error" in metrics:
+    if loc.exists(DIVERGED):
+        error = json.loads(loc.read_bytes(DIVERGED))["error"]
+        loc.fs.rm(loc.join(DIVERGED))
         raise SeppError(
-            f"{metrics['error']}. The last good checkpoint is kept in "
+            f"{error}. The last good checkpoint is kept in "
             f"{cfg.out}/{CKPT_DIR}; lower the learning rate or check the data."
         )
     final = latest_checkpoint(cfg.out)
@@ -274,6 +278,30 @@ def pretrain(cfg: PretrainConfig, callbacks: list[Any] | None = None) -> dict[st
     }
     finish_write(loc, manifest)
     return manifest
+
+
+def _check_resumable(cfg: PretrainConfig) -> None:
+    """A run resumes only into the same model and optimiser; anything else would fail deep in
+    ``load_state_dict`` on a worker. Say so before any worker starts."""
+    from sepp_ray.train.state import latest_checkpoint
+
+    found = latest_checkpoint(cfg.out)
+    if found is None:
+        return
+    saved = read_manifest(found[1])
+    now = {"method": cfg.method, "backbone": cfg.backbone, "optimizer": cfg.optimizer}
+    was = {
+        "method": saved.get("method"),
+        "backbone": (saved.get("backbone") or {}).get("name"),
+        "optimizer": saved.get("optimizer", cfg.optimizer),
+    }
+    diff = {k: (was[k], now[k]) for k in now if was[k] != now[k]}
+    if diff:
+        shown = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items())
+        raise SeppError(
+            f"{cfg.out} holds checkpoints of an unfinished run that this config cannot resume "
+            f"({shown}): keep its settings to resume, or pass overwrite=true / another out"
+        )
 
 
 def _history(ckpt_uri: str) -> tuple[list[dict[str, Any]], list[int], list[str]]:

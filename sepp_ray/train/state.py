@@ -20,6 +20,7 @@ from sepp_ray.storage import Location, read_manifest
 log = logging.getLogger(__name__)
 STATE_FILE = "train_state.pt"
 CKPT_DIR = "checkpoints"
+DIVERGED = "diverged.json"  # written by rank 0 when the loss became non-finite
 _NAME = re.compile(r"^epoch-(\d{5})$")
 
 

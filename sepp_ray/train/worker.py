@@ -8,6 +8,7 @@ writes files: checkpoints, TensorBoard logs. The models and losses know nothing 
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 import time
@@ -99,8 +100,10 @@ def train_loop(config: dict[str, Any]) -> None:
     from sepp_ray.data.recipes import get_recipe
     from sepp_ray.methods import create_method
     from sepp_ray.models.checkpoint import BackboneMeta
+    from sepp_ray.storage import Location
     from sepp_ray.train.optim import build_optimizer
     from sepp_ray.train.state import (
+        DIVERGED,
         latest_checkpoint,
         load_training_state,
         save_training_checkpoint,
@@ -205,7 +208,10 @@ def train_loop(config: dict[str, Any]) -> None:
         try:
             stats = train_epoch(trainer, limited, epoch, start_step=epoch * steps_per_epoch)
         except NonFiniteLossError as e:
-            ray.train.report({"epoch": epoch, "error": str(e)})
+            # every rank stops here together (the check is collective); rank 0 leaves the reason
+            # where the driver looks, since a raise would make Ray Train retry the same divergence
+            if rank == 0:
+                Location(c["out"]).write_bytes(DIVERGED, json.dumps({"error": str(e)}).encode())
             return
         if int(stats["steps"]) != steps_per_epoch:
             raise RuntimeError(f"rank {rank} got {stats['steps']} of {steps_per_epoch} steps")
@@ -246,6 +252,7 @@ def train_loop(config: dict[str, Any]) -> None:
                     state,
                     {
                         "method": c["method"],
+                        "optimizer": c["optimizer"],
                         "metrics": history[-1],
                         "dataset": {"uri": c["dataset"], "split": c["split"]},
                     },
