@@ -3,6 +3,7 @@ resume after a crash, recovery from a killed worker, and bad input."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -76,6 +77,7 @@ def test_two_worker_ddp_with_semantic_pairs(data: tuple[str, str], tmp_path: Pat
     model, meta, _ = load_backbone(m["final_checkpoint"])
     assert meta.name == "test_resnet" and meta.image_size == 16
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert json.loads((out / "progress.json").read_text())["epoch"] == 2  # the driver's bar
     # the checkpoint is a sampler at once: mine with it
     mined = mine_command(
         images,

@@ -238,7 +238,10 @@ def pretrain(cfg: PretrainConfig, callbacks: list[Any] | None = None) -> dict[st
         run_config=run_config,
     )
     t0 = time.perf_counter()
-    result = trainer.fit()
+    from sepp_ray.train.progress import ProgressBar
+
+    with ProgressBar(cfg.out, cfg.epochs, resumed[0] if resumed else 0):
+        result = trainer.fit()
     wall = time.perf_counter() - t0
     if result.error is not None:
         raise SeppError(f"training failed: {result.error}")

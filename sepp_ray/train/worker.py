@@ -102,6 +102,7 @@ def train_loop(config: dict[str, Any]) -> None:
     from sepp_ray.models.checkpoint import BackboneMeta
     from sepp_ray.storage import Location
     from sepp_ray.train.optim import build_optimizer
+    from sepp_ray.train.progress import write_progress
     from sepp_ray.train.state import (
         DIVERGED,
         latest_checkpoint,
@@ -264,4 +265,5 @@ def train_loop(config: dict[str, Any]) -> None:
             board.log(metrics, epoch + 1)
             shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch")
             print(f"[sepp] epoch {epoch + 1}/{c['epochs']} {shown}", flush=True)
+            write_progress(c["out"], epoch + 1, c["epochs"], metrics)
         ray.train.report(metrics)

@@ -1,0 +1,61 @@
+"""A progress bar on the driver for a run whose epochs happen on Ray Train workers.
+
+Rank 0 writes ``progress.json`` (epoch, epochs, a few metrics) into the run's output after every
+epoch; the driver polls it from a daemon thread while ``trainer.fit()`` blocks the main thread.
+Going through storage keeps it working when the driver and the workers share nothing but the
+output URI (a `ray job submit` driver on the head, workers on GPU nodes).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+from tqdm import tqdm
+
+from sepp_ray.storage import Location
+
+PROGRESS = "progress.json"
+
+
+def write_progress(out_uri: str, epoch: int, epochs: int, metrics: dict[str, Any]) -> None:
+    shown = {k: round(float(v), 4) for k, v in metrics.items() if k in SHOWN}
+    body = {"epoch": epoch, "epochs": epochs, **shown}
+    Location(out_uri).write_bytes(PROGRESS, json.dumps(body).encode())
+
+
+SHOWN = ("loss", "pairs_per_s", "knn_top1", "lr")
+
+
+class ProgressBar:
+    """``with ProgressBar(out, epochs, start):`` shows epochs done while the body runs."""
+
+    def __init__(self, out_uri: str, epochs: int, start: int, every_s: float = 2.0) -> None:
+        self.loc, self.every_s = Location(out_uri), every_s
+        self.bar = tqdm(total=epochs, initial=start, desc="pretrain", unit="epoch")
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+
+    def __enter__(self) -> ProgressBar:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        self.thread.join(timeout=10)
+        self._update()
+        self.bar.close()
+
+    def _poll(self) -> None:
+        while not self.done.wait(self.every_s):
+            self._update()
+
+    def _update(self) -> None:
+        try:
+            body = json.loads(self.loc.read_bytes(PROGRESS))
+        except (FileNotFoundError, ValueError, OSError):
+            return  # not written yet, or caught mid-write: the next poll sees it
+        if body["epoch"] > self.bar.n:
+            self.bar.update(body["epoch"] - self.bar.n)
+        self.bar.set_postfix({k: body[k] for k in SHOWN if k in body}, refresh=True)
