@@ -364,7 +364,7 @@ def parse_config(argv: list[str]) -> tuple[Command, Any]:
             overrides.append(f"{key[5:]}={value}")
     if args.verbose:
         logging.getLogger().setLevel(logging.DEBUG)
-    return spec, cfg.load(spec.config_cls, args.config, overrides, base=base)
+    return spec, cfg.load(spec.config_cls, args.config, overrides, command_line=base)
 
 
 def main(argv: list[str] | None = None) -> int:

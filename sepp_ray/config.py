@@ -180,11 +180,14 @@ def load(
     config_file: str | None = None,
     overrides: list[str] | None = None,
     base: dict[str, Any] | None = None,
+    command_line: dict[str, Any] | None = None,
 ) -> T:
-    """Defaults < ``base`` < YAML file < overrides."""
+    """Defaults < ``base`` < YAML file < ``command_line`` values (positional arguments: what
+    the user typed beats a shared config file) < ``key=value`` overrides."""
     values: dict[str, Any] = dict(base or {})
     if config_file:
         values = merge(values, read_yaml(config_file))
+    values = merge(values, dict(command_line or {}))
     values = merge(values, parse_overrides(overrides or []))
     return build(cls, values)
 

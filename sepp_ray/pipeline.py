@@ -97,7 +97,10 @@ def run_pipeline(c: PipelineConfig) -> dict[str, Any]:
         c = replace(c, sampler_checkpoint=absolute(c.sampler_checkpoint))
     st = Stages(c.work)
     c.mining.validate()
-    replace(c.pretrain, dataset="x", out="x").validate()  # fail fast, before any stage runs
+    # fail fast, before any stage runs: a typo must not surface hours in, after training
+    replace(c.pretrain, dataset="x", out="x").validate()
+    PairsConfig(pairs="x", mode=c.pairs_mode).validate()
+    EvalConfig(checkpoints=["x"], dataset="x", out="x", protocols=list(c.protocols)).validate()
 
     # 1. ingest, unless the source already is an ingested dataset
     if _complete(c.source) is not None and read_manifest(c.source).get("kind") == "images":

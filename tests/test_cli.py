@@ -60,7 +60,8 @@ def test_bad_input_is_one_clear_line_and_exit_2(
 
 def test_positionals_yaml_and_overrides_merge(tmp_path: Path) -> None:
     conf = tmp_path / "c.yaml"
-    conf.write_text("format: synthetic\nsource_options:\n  n: 5\n  size: 12\n")
+    # the file names a source too: what is typed on the command line wins
+    conf.write_text("source: digits\nformat: synthetic\nsource_options:\n  n: 5\n  size: 12\n")
     _, c = parse_config(
         [
             "ingest",

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from sepp_ray.config import load
+from sepp_ray.errors import SeppError
 from sepp_ray.pipeline import PipelineConfig, run_pipeline
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -46,3 +47,21 @@ def test_small_pipeline_then_a_rerun_reuses_every_stage(
     assert "baseline" in first["reused"] and first["reused"] == ["baseline"]
     second = run_pipeline(load(PipelineConfig, None, overrides))
     assert sorted(second["reused"]) == sorted(first["timings"])
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("protocols=knn,lineer", "unknown protocol"),
+        ("pairs_mode=doubled", "pairs.mode must be one of"),
+        ("pretrain.method=simclr2", "simclr2"),
+        ("mining.lo=1.5", "lo"),
+    ],
+)
+def test_bad_settings_fail_before_any_stage_runs(
+    tmp_path: Path, override: str, message: str
+) -> None:
+    cfg = load(PipelineConfig, None, ["source=synthetic", f"work={tmp_path / 'w'}", override])
+    with pytest.raises(SeppError, match=message):
+        run_pipeline(cfg)
+    assert not (tmp_path / "w").exists()

@@ -15,16 +15,15 @@ import contextlib
 import io
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torchvision.models.detection import FasterRCNN
-from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.backbone_utils import BackboneWithFPN
-from torchvision.ops import FrozenBatchNorm2d
-from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+if TYPE_CHECKING:  # torchvision's detection stack is imported where used: it slows `sepp` start
+    from torchvision.models.detection import FasterRCNN
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN
 
 from sepp_ray.config import opt
 from sepp_ray.errors import SeppError
@@ -73,6 +72,8 @@ def _is_resnet(m: nn.Module) -> bool:
 
 def freeze_batchnorm(module: nn.Module) -> nn.Module:
     """Every BatchNorm2d -> FrozenBatchNorm2d with its affine weights and running statistics."""
+    from torchvision.ops import FrozenBatchNorm2d
+
     if isinstance(module, nn.BatchNorm2d):
         frozen = FrozenBatchNorm2d(module.num_features, eps=module.eps)
         if module.affine:
@@ -91,6 +92,9 @@ def resnet_fpn(
     backbone: nn.Module, arch: str, trainable_layers: int = 5, freeze_bn: bool = True
 ) -> BackboneWithFPN:
     """A ResNet's four stages (strides 4..32) under a 256-channel FPN with a P6 max-pool level."""
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN
+    from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
     if not _is_resnet(backbone):
         raise SeppError(
             f"detection needs a ResNet backbone (timm resnet18/50/..., with conv1, bn1, "
@@ -129,6 +133,9 @@ def build_detector(
     backbone: nn.Module, meta: BackboneMeta, num_classes: int, cfg: DetectionConfig
 ) -> FasterRCNN:
     """Faster R-CNN for ``num_classes`` object classes (+ background) on the checkpoint's ResNet."""
+    from torchvision.models.detection import FasterRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+
     fpn = resnet_fpn(backbone, meta.name, cfg.trainable_layers, cfg.freeze_bn)
     anchors = AnchorGenerator(
         tuple((s,) for s in cfg.anchor_sizes), ((0.5, 1.0, 2.0),) * len(cfg.anchor_sizes)

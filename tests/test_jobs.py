@@ -1,0 +1,205 @@
+"""jobs/: the shipped stage configs load and validate, the runtime env is valid and carries the
+project's requirements, and stages run as Ray jobs submitted with the Job Submission SDK to the
+session cluster's job server (127.0.0.1): a real stage succeeds from the uploaded working dir,
+and a bad config fails within seconds, before the job's driver joins the cluster.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from sepp_ray.cli import COMMANDS, parse_config
+from sepp_ray.eval.command import EvalConfig
+from sepp_ray.pipeline import PipelineConfig
+from sepp_ray.train.driver import PretrainConfig
+from sepp_ray.train.items import PairsConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pytest's own dependency below 3.11
+    import tomli as tomllib
+
+REPO = Path(__file__).resolve().parent.parent
+JOBS = REPO / "jobs"
+STAGE_FILES = {
+    "ingest-cifar10.yaml": "ingest",
+    "embed-cifar10.yaml": "embed",
+    "mine-cifar10.yaml": "mine",
+    "pretrain-cifar10.yaml": "pretrain",
+    "eval-cifar10.yaml": "eval",
+    "pipeline-cifar10.yaml": "pipeline",
+}
+# what each command gets on the command line besides its positionals
+COMMAND_LINE = {"eval": ["checkpoints=s3://b/a/checkpoints/epoch-00800"]}
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+def validate_tree(node: Any) -> None:
+    """Call every ``validate`` in a config tree, as the commands do before their first Ray call.
+    A pretrain section inside a pipeline gets its URIs from the pipeline: placeholders here."""
+    if isinstance(node, PretrainConfig) and not node.dataset:
+        node = dataclasses.replace(node, dataset="s3://b/d", out="s3://b/o")
+    if hasattr(node, "validate"):
+        node.validate()
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            validate_tree(value)
+
+
+@pytest.mark.parametrize("name", sorted(STAGE_FILES))
+def test_stage_config_loads_and_validates(name: str) -> None:
+    command = STAGE_FILES[name]
+    path = JOBS / name
+    spec = COMMANDS[command]
+    raw = yaml.safe_load(path.read_text())
+    # URIs come on the command line: a positional in the file would silently override them
+    assert not set(spec.positionals) & set(raw), f"{name} sets {spec.positionals}"
+    positionals = [f"s3://b/{p}" for p in spec.positionals]
+    argv = [command, *positionals, "--config", str(path), *COMMAND_LINE.get(command, [])]
+    got, config = parse_config(argv)
+    assert got is spec
+    validate_tree(config)
+    if isinstance(config, PipelineConfig):  # checked by later stages of a pipeline run
+        PairsConfig(mode=config.pairs_mode).validate()
+        EvalConfig(checkpoints=["c"], dataset="d", out="o", protocols=config.protocols).validate()
+    assert all(getattr(config, p) == v for p, v in zip(spec.positionals, positionals, strict=True))
+
+
+def test_a_typo_in_a_stage_config_is_caught(tmp_path: Path) -> None:
+    bad = tmp_path / "pretrain.yaml"
+    bad.write_text((JOBS / "pretrain-cifar10.yaml").read_text().replace("epochs:", "epoch:", 1))
+    with pytest.raises(Exception, match="unknown config key"):
+        parse_config(["pretrain", "s3://b/d", "s3://b/o", "--config", str(bad)])
+
+
+def runtime_env_file() -> dict[str, Any]:
+    return yaml.safe_load((JOBS / "runtime_env.yaml").read_text())
+
+
+def test_runtime_env_is_valid_and_carries_the_requirements() -> None:
+    from ray.runtime_env import RuntimeEnv
+
+    env = runtime_env_file()
+    RuntimeEnv(**env)  # Ray's own parsing and validation of every field
+    assert env["working_dir"] == "."
+    assert {".git", ".venv", "runs"} <= set(env["excludes"])
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert env["pip"]["packages"] == project["dependencies"]
+
+
+def test_runtime_env_check_bites() -> None:
+    from ray.runtime_env import RuntimeEnv
+
+    with pytest.raises((TypeError, ValueError)):
+        RuntimeEnv(**{**runtime_env_file(), "pip": {"packages": ["x"], "pip_chek": False}})
+
+
+# ---- jobs on the session cluster ---------------------------------------------------------------
+
+
+def job_runtime_env() -> dict[str, Any]:
+    """jobs/runtime_env.yaml as the tests can use it: the working dir made absolute (the CLI
+    resolves '.' where `ray job submit` runs, the repository root), and no `pip` section:
+    installing requirements needs the network, and the session cluster runs in the venv that
+    already has them."""
+    env = {k: v for k, v in runtime_env_file().items() if k != "pip"}
+    env["working_dir"] = str(REPO)
+    return env
+
+
+def wait(client: Any, job_id: str, timeout: float) -> str:
+    """The job's terminal status; a job still running after ``timeout`` is stopped and fails
+    the test with its logs."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        status = str(client.get_job_status(job_id).value)
+        if status in TERMINAL:
+            return status
+        time.sleep(0.5)
+    client.stop_job(job_id)
+    logs = client.get_job_logs(job_id)
+    raise AssertionError(f"job {job_id} not finished after {timeout} s:\n{logs}")
+
+
+@pytest.fixture(scope="module")
+def client(ray_dashboard: str) -> Any:
+    from ray.job_submission import JobSubmissionClient
+
+    assert ray_dashboard.startswith("http://127.0.0.1:")
+    return JobSubmissionClient(ray_dashboard)
+
+
+def test_a_stage_runs_as_a_job_from_the_uploaded_working_dir(client: Any, tmp_path: Path) -> None:
+    """A real stage (ingest) submitted like `ray job submit --runtime-env jobs/runtime_env.yaml`
+    succeeds, writes its output, and ran the uploaded code, not the checkout's."""
+    out = tmp_path / "syn"
+    probe = (
+        "import os, sepp_ray; "
+        "print('SEPP_FROM', os.path.dirname(os.path.abspath(sepp_ray.__file__))); "
+        "print('CWD_HOLDS', sorted(os.listdir('.')))"
+    )
+    entrypoint = (
+        f'{sys.executable} -c "{probe}" && '
+        f"{sys.executable} -m sepp_ray.cli ingest synthetic {out} "
+        "source_options.n=40 source_options.size=16 source_options.chunk_size=20"
+    )
+    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=job_runtime_env())
+    status = wait(client, job_id, timeout=240)
+    logs = client.get_job_logs(job_id)
+    assert status == "SUCCEEDED", logs
+    assert (out / "manifest.json").exists()
+    assert re.search(rf"ingested 40 images \(.*; 0 skipped\) into {re.escape(str(out))}\n", logs)
+    # the job ran the uploaded copy of the checkout, without what runtime_env.yaml excludes
+    shipped = logs.split("SEPP_FROM ", 1)[1].split("\n", 1)[0]
+    assert not shipped.startswith(str(REPO)) and shipped.endswith("sepp_ray")
+    listing = yaml.safe_load(logs.split("CWD_HOLDS ", 1)[1].split("\n", 1)[0])
+    assert {"sepp_ray", "jobs", "pyproject.toml"} <= set(listing)
+    assert not {".git", ".venv", "runs"} & set(listing)
+    info = client.get_job_info(job_id)
+    assert info.driver_info is not None  # the driver joined the cluster (RAY_ADDRESS)
+
+
+BAD_CONFIGS = {
+    # a typo in a YAML config given with --config
+    "typo": (["--config", "{bad_yaml}", "epochs=1"], "unknown config key(s) epoch;"),
+    # a dataset that is not there
+    "missing": ([], "is not a complete sepp-ray output"),
+}
+
+
+def test_a_bad_config_fails_fast_before_joining_the_cluster(client: Any, tmp_path: Path) -> None:
+    """`sepp pretrain` jobs with a bad config fail in seconds with the CLI's one-line error,
+    and their driver never connected to the cluster (so it took no CPU, GPU or actor)."""
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("method: simclr\nepoch: 5\n")
+    submitted: dict[str, tuple[str, float]] = {}
+    for name, (extra, _) in BAD_CONFIGS.items():
+        args = " ".join(a.format(bad_yaml=bad_yaml) for a in extra)
+        entrypoint = (
+            f"{sys.executable} -m sepp_ray.cli pretrain {tmp_path / 'no-such-dataset'} "
+            f"{tmp_path / name} {args}"
+        )
+        job_id = client.submit_job(entrypoint=entrypoint, runtime_env=job_runtime_env())
+        submitted[name] = (job_id, time.monotonic())
+    for name, (job_id, t0) in submitted.items():
+        status = wait(client, job_id, timeout=120)
+        elapsed = time.monotonic() - t0
+        logs = client.get_job_logs(job_id)
+        info = client.get_job_info(job_id)
+        assert status == "FAILED", logs
+        assert elapsed < 60, f"{name}: {elapsed:.0f} s to fail"
+        assert "sepp: error: " in logs and BAD_CONFIGS[name][1] in logs, logs
+        assert "Traceback" not in logs, logs
+        assert info.driver_exit_code == 2
+        # the entrypoint never called ray.init: no driver, so no task, actor or resource taken
+        assert info.driver_info is None
+        assert not (tmp_path / name).exists()
