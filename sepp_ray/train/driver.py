@@ -113,6 +113,15 @@ def _decode_uint8(blobs: list[bytes], size: int) -> np.ndarray:
     )
 
 
+def _sample(table: Any, n: int, seed: int) -> Any:
+    """A seeded random subset of ``n`` rows: shards are often grouped by class (an ImageFolder
+    tree is read folder by folder), so the first rows would hold only a few classes."""
+    if table.num_rows <= n:
+        return table
+    keep = np.sort(np.random.default_rng(seed).choice(table.num_rows, n, replace=False))
+    return table.take(keep)
+
+
 def _monitor(ds: ImageDataset, cfg: PretrainConfig, size: int) -> dict[str, np.ndarray] | None:
     """Small un-augmented labeled sets for the kNN monitor; None when there are no labels."""
     if not cfg.knn_monitor or "test" not in ds.manifest["splits"]:
@@ -122,8 +131,8 @@ def _monitor(ds: ImageDataset, cfg: PretrainConfig, size: int) -> dict[str, np.n
         or ds.manifest["splits"]["test"]["labeled"] == 0
     ):
         return None
-    tr = ds.read_table(["image", "label"], split=cfg.split, limit=cfg.knn_max_train)
-    te = ds.read_table(["image", "label"], split="test", limit=cfg.knn_max_test)
+    tr = _sample(ds.read_table(["image", "label"], split=cfg.split), cfg.knn_max_train, cfg.seed)
+    te = _sample(ds.read_table(["image", "label"], split="test"), cfg.knn_max_test, cfg.seed + 1)
     return {
         "train_images": _decode_uint8(tr["image"].to_pylist(), size),
         "train_labels": tr["label"].fill_null(-1).to_numpy().astype(np.int64),
