@@ -37,7 +37,7 @@ def prepare_data(
 
 
 def train_stage(
-    st: Stages, name: str, base: PretrainConfig, data_uri: str, data_fp: str, epochs: int
+    st: Stages, name: str, base: PretrainConfig, data_uri: str, data_fp: Any, epochs: int
 ) -> tuple[str, dict[str, Any]]:
     """A plain (no pairs) pretraining run as a stage: the bootstrap sampler."""
     from sepp_ray.train.driver import pretrain
@@ -57,7 +57,7 @@ def sampler_checkpoint(
     given: str | None,
     base: PretrainConfig,
     data_uri: str,
-    data_fp: str,
+    data_fp: Any,
     bootstrap_epochs: int,
 ) -> str:
     """The checkpoint that mines: ``given``, or a bootstrapped plain run (arXiv 2306.16122)."""
@@ -67,10 +67,31 @@ def sampler_checkpoint(
     return str(boot["final_checkpoint"])
 
 
-def mine_stage(
-    st: Stages, data_uri: str, data_fp: str, sampler: str, mining: MineConfig, split: str
+def embed_stage(
+    st: Stages, data_uri: str, data_fp: Any, sampler: str, split: str
 ) -> tuple[str, dict[str, Any]]:
-    """Pairs mined with ``sampler`` as a stage: one folder per (data, sampler, mining config)."""
+    """The sampler's embeddings of ``split``, once: every mining config searches these."""
+    from sepp_ray.mining.embed import embed
+
+    return st.run(
+        "embeddings",
+        {"data": data_fp, "sampler": read_manifest(sampler).get("sha256"), "splits": [split]},
+        lambda uri: embed(
+            data_uri, uri, EncoderConfig(checkpoint=sampler), splits=[split], overwrite=True
+        ),
+    )
+
+
+def mine_stage(
+    st: Stages,
+    input_uri: str,
+    data_fp: Any,
+    sampler: str,
+    mining: MineConfig,
+    split: str,
+) -> tuple[str, dict[str, Any]]:
+    """Pairs mined with ``sampler`` as a stage: one folder per (data, sampler, mining config).
+    ``input_uri``: the images (embedded inside the stage) or the sampler's embeddings."""
     from sepp_ray.mining.pipeline import mine_command
 
     sampler_sha = read_manifest(sampler).get("sha256")
@@ -78,7 +99,7 @@ def mine_stage(
         "pairs",
         {"data": data_fp, "sampler": sampler_sha, "mining": asdict(mining)},
         lambda uri: mine_command(
-            data_uri,
+            input_uri,
             uri,
             EncoderConfig(checkpoint=sampler),
             mining,

@@ -4,11 +4,12 @@ The driver ingests (or reuses) the data, bootstraps (or takes) one sampler and m
 of every distinct (lo, hi, K) up front, each into ``OUT/pairs-<hash>``: trials that share a
 sampler config share one mining, and no two trials race to write it. Tune then runs one trial
 per grid point (x ``num_samples`` seeds); each trial launches a Ray Train pretraining run into
-``OUT/trials/trial-<hash>`` whose per-epoch metrics reach Tune through ``TuneReportCallback``,
-so ASHA (arXiv 1810.05934) stops weak trials on the kNN monitor. Tune's state lives in
-``OUT/tune/<experiment>`` (local or s3://): a rerun after an interruption restores it
-(``Tuner.restore``) and each unfinished trial resumes from its own newest checkpoint. Last,
-every trial's newest checkpoint is evaluated in one table and the summary is written.
+``OUT/trials/trial-<hash>`` whose per-epoch metrics reach Tune through a Ray Train callback
+(see ``sweep_trial``), so ASHA (arXiv 1810.05934) stops weak trials on the kNN monitor.
+Tune's state lives in ``OUT/tune/<experiment>`` (local or s3://): a rerun after an
+interruption restores it (``Tuner.restore``) and each unfinished trial resumes from its own
+newest checkpoint. Last, every trial's newest checkpoint is evaluated in one table and the
+summary is written.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from sepp_ray.data.ingest import ImageOptions
 from sepp_ray.data.sources import SourceOptions
 from sepp_ray.errors import SeppError
 from sepp_ray.mining.mine import MineConfig
-from sepp_ray.pipeline import Stages, _complete, _pairs_identity, stage_hash
+from sepp_ray.pipeline import Stages, _pairs_identity, stage_hash
 from sepp_ray.storage import Location, absolute, begin_write, finish_write
 from sepp_ray.train.driver import PretrainConfig, _storage_fs, _storage_path
 from sepp_ray.train.items import PairsConfig
@@ -75,7 +76,11 @@ class SweepConfig:
     max_concurrent: int | None = opt(
         None, "trials at once (default: cluster GPUs // gpus_per_trial, or CPUs // cpus_per_trial)"
     )
-    protocols: list[str] = opt(["knn"], "evaluation protocols of every trial's last checkpoint")
+    protocols: list[str] = opt(
+        ["knn"],
+        "evaluation protocols of every trial's last checkpoint ([]: none; the table then shows "
+        "the kNN monitor's last value)",
+    )
     images: ImageOptions = field(default_factory=ImageOptions)
     source_options: SourceOptions = field(default_factory=SourceOptions)
 
@@ -126,23 +131,6 @@ def trial_out(ctx: dict[str, Any], cfg: PretrainConfig) -> str:
     return f"{ctx['out']}/trials/trial-{stage_hash(payload)}"
 
 
-def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
-    """One Tune trial: a (resumable) pretraining run whose epochs Tune sees as results."""
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from sepp_ray.train.driver import pretrain
-
-    cfg = trial_pretrain(ctx, params)
-    out = trial_out(ctx, cfg)
-    done = _complete(out)
-    if done is None:
-        pretrain(replace(cfg, out=out), callbacks=[TuneReportCallback()])
-    else:  # finished by an earlier sweep: replay its curve so the scheduler sees it alike
-        for h in done["history"]:
-            tune.report(h)
-
-
 def _check_backbone(name: str) -> None:
     import timm
 
@@ -172,8 +160,8 @@ def validate(c: SweepConfig) -> list[dict[str, Any]]:
     if c.max_concurrent is not None and c.max_concurrent < 1:
         raise SeppError(f"max_concurrent must be >= 1, got {c.max_concurrent}")
     bad = sorted(set(c.protocols) - set(PROTOCOLS))
-    if bad or not c.protocols:
-        raise SeppError(f"unknown protocol(s) {bad or '(none given)'}: choose among {PROTOCOLS}")
+    if bad:
+        raise SeppError(f"unknown protocol(s) {bad}: choose among {PROTOCOLS}, or none")
     ax = axes(c)
     for m in _product(ax, MINING_KEYS):
         mining_for(c.mining, m).validate()
@@ -239,7 +227,7 @@ def _tuner(
     fs = _storage_fs(tune_uri)
     path = f"{_storage_path(tune_uri)}/{name}"
     if tune.Tuner.can_restore(path, storage_filesystem=fs):
-        print(f"[sweep] restoring the interrupted sweep {tune_uri}/{name}", flush=True)
+        print(f"[sweep] restoring {tune_uri}/{name}: finished trials are kept", flush=True)
         tuner = tune.Tuner.restore(
             path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs
         )
@@ -261,7 +249,11 @@ def _tuner(
             trial_dirname_creator=_dirname,
         ),
         run_config=tune.RunConfig(
-            name=name, storage_path=_storage_path(tune_uri), storage_filesystem=fs
+            name=name,
+            storage_path=_storage_path(tune_uri),
+            storage_filesystem=fs,
+            # the state worth keeping is each trial's own pretraining checkpoints
+            checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False),
         ),
     )
     return tuner, False
@@ -271,8 +263,9 @@ def run_sweep(c: SweepConfig) -> dict[str, Any]:
     """Run (or restore and finish) the sweep; returns the summary's URI and one row per trial."""
     from ray import tune
 
-    from sepp_ray.prepare import mine_stage, prepare_data, sampler_checkpoint
+    from sepp_ray.prepare import embed_stage, mine_stage, prepare_data, sampler_checkpoint
     from sepp_ray.sweep_report import collect_rows, evaluate, write_summary
+    from sepp_ray.sweep_trial import SweepTrial
 
     c = replace(c, out=absolute(c.out))
     if c.sampler_checkpoint:
@@ -280,6 +273,7 @@ def run_sweep(c: SweepConfig) -> dict[str, Any]:
     validate(c)
     workers, use_gpu, conc, cpus_per = _resources(c)
     c = replace(c, pretrain=replace(c.pretrain, workers=workers, use_gpu=use_gpu))
+    validate(c)  # again with the workers gpus_per_trial gave (the batch must divide over them)
     # OUT holds the stages too: keep them all, only the manifest goes until the summary is done
     loc = begin_write(c.out, overwrite=True, keep=tuple(Location(c.out).listdir()))
     st = Stages(c.out)
@@ -290,11 +284,12 @@ def run_sweep(c: SweepConfig) -> dict[str, Any]:
         st, c.sampler_checkpoint, c.pretrain, data_uri, data_fp, c.bootstrap_epochs
     )
     ax = axes(c)
+    emb_uri, _ = embed_stage(st, data_uri, data_fp, sampler, c.pretrain.split)
     pairs: dict[str, str] = {}
     mined: dict[str, dict[str, Any]] = {}
     for m in _product(ax, MINING_KEYS):  # every distinct sampler config, mined once, up front
         mcfg = mining_for(c.mining, m)
-        uri, manifest = mine_stage(st, data_uri, data_fp, sampler, mcfg, c.pretrain.split)
+        uri, manifest = mine_stage(st, emb_uri, data_fp, sampler, mcfg, c.pretrain.split)
         pairs[stage_hash(asdict(mcfg))], mined[uri] = uri, manifest
     ctx = {
         "base": c.pretrain,
@@ -304,6 +299,7 @@ def run_sweep(c: SweepConfig) -> dict[str, Any]:
         "pairs": pairs,
         "pairs_mode": c.pairs_mode,
         "out": c.out,
+        "metric": c.metric,
     }
     name = "sweep-" + stage_hash(
         {
@@ -315,13 +311,13 @@ def run_sweep(c: SweepConfig) -> dict[str, Any]:
         }
     )
     # the trial itself holds almost nothing: its Ray Train workers reserve their own resources
-    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"cpu": 0.01})
+    trainable = tune.with_resources(tune.with_parameters(SweepTrial, ctx=ctx), {"cpu": 0.01})
     tuner, restored = _tuner(c, trainable, ax, name, conc)
     grid = tuner.fit()
     rows = collect_rows(grid, ctx, mined)
     if rows and all(r["status"] == "error" for r in rows):
         raise SeppError(f"every trial failed; the first error: {rows[0]['error']}")
-    evaluate(st, rows, data_uri, data, c.protocols)
+    evaluate(st, rows, data_uri, data, c.protocols, c.pretrain.knn_k)
     experiment = f"{c.out}/tune/{name}"
     files = write_summary(loc, rows, c, experiment)
     finish_write(

@@ -31,26 +31,29 @@ def _num(v: Any) -> Any:
     return v
 
 
-def _history(result: Any) -> list[dict[str, Any]]:
+def _history(result: Any, metric: str) -> list[dict[str, Any]]:
+    """Tune's per-epoch results of a trial: the learning curve and the metric ASHA saw."""
     df = result.metrics_dataframe
     if df is None or "epoch" not in df:
         return []
-    cols = [c for c in CURVE if c in df]
+    cols = [c for c in dict.fromkeys((*CURVE, metric)) if c in df]
     return [{c: _num(v) for c, v in zip(cols, vals, strict=True)} for vals in df[cols].values]
 
 
-def collect_rows(grid: Any, ctx: dict[str, Any], mined: dict[str, dict[str, Any]]) -> list[dict]:
+def collect_rows(
+    grid: Any, ctx: dict[str, Any], mined: dict[str, dict[str, Any]]
+) -> list[dict[str, Any]]:
     """One row per Tune trial, in trial order (the order trials started in)."""
     from sepp_ray.methods import make_hparams
     from sepp_ray.sweep import mining_for, trial_out, trial_pretrain
     from sepp_ray.train.state import list_checkpoints
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for result in grid:
         params = dict(result.config or {})
         cfg, mcfg = trial_pretrain(ctx, params), mining_for(ctx["mining"], params)
         out = trial_out(ctx, cfg)
-        history = _history(result)
+        history = _history(result, ctx["metric"])
         done = _complete(out)
         run = max([int(h["epoch"]) for h in history if h.get("epoch")] or [0])
         if done is not None:
@@ -92,13 +95,20 @@ def collect_rows(grid: Any, ctx: dict[str, Any], mined: dict[str, dict[str, Any]
 
 
 def evaluate(
-    st: Stages, rows: list[dict], data_uri: str, data: dict[str, Any], protocols: list[str]
+    st: Stages,
+    rows: list[dict[str, Any]],
+    data_uri: str,
+    data: dict[str, Any],
+    protocols: list[str],
+    knn_k: int,
 ) -> None:
     """One ``sepp eval`` of every trial's checkpoint (a reused stage on a rerun); fills the
-    rows' ``eval`` and ``top1`` (the accuracy the plots show: kNN, else linear, else monitor)."""
+    rows' ``eval`` and ``top1`` (the accuracy the plots show: kNN, else linear, else monitor).
+    kNN votes with the monitor's ``knn_k`` neighbours, the accuracy ASHA ranked by."""
     from sepp_ray.eval.command import EvalConfig, read_metrics, run_eval
 
-    ckpts = [r["checkpoint"] for r in rows if r["checkpoint"]]
+    ckpts = [r["checkpoint"] for r in rows if r["checkpoint"]] if protocols else []
+    heads: dict[str, dict[str, float]] = {}
     if ckpts:
         train = data["splits"].get("train", {}).get("total", 200)
         uri, _ = st.run(
@@ -107,6 +117,7 @@ def evaluate(
                 "ckpts": [read_manifest(x).get("sha256") for x in ckpts],
                 "data": data["source"]["fingerprint"],
                 "protocols": protocols,
+                "k": min(knn_k, train),
             },
             lambda out: run_eval(
                 EvalConfig(
@@ -115,13 +126,13 @@ def evaluate(
                     protocols=list(protocols),
                     out=out,
                     overwrite=True,
-                    k=min(200, train),
+                    k=min(knn_k, train),
                 )
             ),
         )
         heads = {e["uri"]: e["headline"] for e in read_metrics(uri)["checkpoints"]}
     for r in rows:
-        r["eval"] = heads.get(r["checkpoint"], {}) if ckpts else {}
+        r["eval"] = heads.get(r["checkpoint"], {})
         r["top1"] = r["eval"].get("kNN top-1", r["eval"].get("linear top-1", r["monitor_top1"]))
 
 
@@ -133,7 +144,7 @@ def _cell(v: Any) -> str:
     return "—" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
 
 
-def summary_markdown(rows: list[dict], c: Any, experiment: str) -> str:
+def summary_markdown(rows: list[dict[str, Any]], c: Any, experiment: str) -> str:
     cols = list(dict.fromkeys(k for r in rows for k in r["eval"]))
     best = sorted(rows, key=lambda r: -1.0 if r["top1"] is None else r["top1"], reverse=True)
     count = {s: sum(r["status"] == s for r in rows) for s in ("done", "stopped", "error")}
@@ -173,7 +184,7 @@ def summary_markdown(rows: list[dict], c: Any, experiment: str) -> str:
     return "\n".join(lines)
 
 
-def accuracy_plot(rows: list[dict], x: str, series: tuple[str, ...], title: str) -> bytes:
+def accuracy_plot(rows: list[dict[str, Any]], x: str, series: tuple[str, ...], title: str) -> bytes:
     """PNG: top-1 against ``x``, one line (mean over the other keys) per value of ``series``;
     hollow markers are trials ASHA stopped early."""
     import matplotlib
@@ -183,7 +194,7 @@ def accuracy_plot(rows: list[dict], x: str, series: tuple[str, ...], title: str)
 
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
     pts = [r for r in rows if r["top1"] is not None and r[x] is not None]
-    groups: dict[tuple, list[dict]] = {}
+    groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in pts:
         groups.setdefault(tuple(r[s] for s in series), []).append(r)
     for key, rs in sorted(groups.items(), key=lambda kv: str(kv[0])):
@@ -208,7 +219,9 @@ def accuracy_plot(rows: list[dict], x: str, series: tuple[str, ...], title: str)
     return buf.getvalue()
 
 
-def write_summary(loc: Location, rows: list[dict], c: Any, experiment: str) -> dict[str, str]:
+def write_summary(
+    loc: Location, rows: list[dict[str, Any]], c: Any, experiment: str
+) -> dict[str, str]:
     """summary.md, the two plots and results.json into the sweep's output (manifest after)."""
     loc.write_bytes("summary.md", summary_markdown(rows, c, experiment).encode())
     loc.write_bytes(

@@ -36,6 +36,8 @@ STAGE_FILES = {
     "pretrain-cifar10.yaml": "pretrain",
     "eval-cifar10.yaml": "eval",
     "pipeline-cifar10.yaml": "pipeline",
+    "pipeline-digits.yaml": "pipeline",
+    "sweep-digits.yaml": "sweep",
 }
 # what each command gets on the command line besides its positionals
 COMMAND_LINE = {"eval": ["checkpoints=s3://b/a/checkpoints/epoch-00800"]}

@@ -160,8 +160,8 @@ def _absolute_uris(cfg: PretrainConfig) -> PretrainConfig:
 def pretrain(cfg: PretrainConfig, callbacks: list[Any] | None = None) -> dict[str, Any]:
     """Run (or resume) a pretraining run; returns the run's manifest.
 
-    ``callbacks``: Ray Train callbacks for the run, e.g. Tune's ``TuneReportCallback`` so a
-    sweep trial forwards each epoch's metrics (the kNN monitor) to Tune's scheduler.
+    ``callbacks``: Ray Train callbacks for the run, e.g. the one by which a sweep trial
+    forwards each epoch's metrics (the kNN monitor) to Tune's scheduler (``sweep_trial``).
     """
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig

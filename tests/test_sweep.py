@@ -1,0 +1,212 @@
+"""`sepp sweep` on the session's Ray cluster: a tiny ASHA sweep on synthetic data, a driver
+killed mid-sweep that a rerun restores and completes, and bad search spaces."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from sepp_ray.config import load
+from sepp_ray.errors import SeppError
+from sepp_ray.storage import read_manifest
+from sepp_ray.sweep import SweepConfig, run_sweep
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+
+def _overrides(out: Path | str, *extra: str) -> list[str]:
+    return [
+        "source=synthetic",
+        f"out={out}",
+        "source_options.n=120",
+        "source_options.size=16",
+        "bootstrap_epochs=1",
+        "pretrain.backbone=test_resnet",
+        "pretrain.epochs=2",
+        "pretrain.batch_size=32",
+        "pretrain.warmup_epochs=0",
+        "pretrain.knn_k=20",
+        "pretrain.knn_every=1",
+        "pretrain.checkpoint_every=1",
+        "pretrain.cpus_per_worker=0.5",
+        "pretrain.shuffle_buffer=0",
+        "mining.hi=0.9999",
+        "mining.k=20",
+        "grace_period=1",
+        "max_concurrent=1",
+        *extra,
+    ]
+
+
+def _free_cpus(expected: float, timeout: float = 30.0) -> float:
+    import ray
+
+    deadline = time.time() + timeout
+    while True:
+        free = ray.available_resources().get("CPU", 0.0)
+        if free >= expected or time.time() > deadline:
+            return float(free)
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory, ray_cluster: str) -> tuple[Path, dict]:
+    import torch
+
+    from sepp_ray.models.backbones import create_backbone
+    from sepp_ray.models.checkpoint import BackboneMeta, save_backbone
+
+    base = tmp_path_factory.mktemp("sweep")
+    # a given sampler (a seeded random encoder), so no bootstrap run: the slow test bootstraps
+    torch.manual_seed(0)
+    model, dim = create_backbone("test_resnet", cifar_stem=True)
+    save_backbone(str(base / "sampler"), model, BackboneMeta("test_resnet", True, dim, 16))
+    # metric=lr makes ASHA's choice predictable: the trial with the lower learning rate ranks
+    # below the first one at the grace period and is stopped there
+    # no final evaluation here (the slow test has one): the monitor's last kNN is the accuracy
+    extra = (
+        "space.base_lr=[0.3,0.1]",
+        "metric=lr",
+        f"sampler_checkpoint={base / 'sampler'}",
+        "protocols=[]",
+    )
+    return base / "out", run_sweep(load(SweepConfig, None, _overrides(base / "out", *extra)))
+
+
+def test_a_tiny_asha_sweep_ranks_stops_caches_and_reports(
+    tiny: tuple[Path, dict[str, Any]],
+) -> None:
+    out, r = tiny
+    rows = r["rows"]
+    assert [row["base_lr"] for row in rows] == [0.3, 0.1]
+    # ASHA's rule replayed on what Tune saw (trials ran one at a time, in this order): a trial
+    # stops at the grace period when its metric is below the median of the earlier trials'
+    seen: list[float] = []
+    for row in rows:
+        at_grace = next(h["lr"] for h in row["history"] if h["epoch"] == 1)
+        stop = bool(seen) and at_grace < float(np.percentile(seen, 50))
+        assert row["stopped_early"] is stop and row["epochs_run"] == (1 if stop else 2)
+        seen.append(at_grace)
+    assert [row["status"] for row in rows] == ["done", "stopped"]
+    # the finished trial wrote its manifest; the stopped one kept the checkpoint ASHA judged
+    assert read_manifest(rows[0]["out"])["epochs"] == 2
+    assert rows[1]["checkpoint"].endswith("epoch-00001")
+    # the stopped trial's run was aborted, not abandoned: its workers' CPUs are free again
+    assert _free_cpus(2.0) == 2.0
+    # both trials share one sampler config: mined once
+    assert (
+        len(glob.glob(str(out / "pairs-*"))) == 1 and rows[0]["pairs_uri"] == rows[1]["pairs_uri"]
+    )
+    assert rows[0]["pairs"] == 20 and 0.0 <= rows[0]["precision"] <= 1.0
+    for row in rows:
+        assert row["eval"] == {} and row["top1"] == row["history"][-1]["knn_top1"]
+    summary = (out / "summary.md").read_text()
+    assert all(f"| {row['trial']} |" in summary for row in rows)
+    assert "1 stopped early by ASHA" in summary
+    for png in ("acc_vs_threshold.png", "acc_vs_k.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "results.json").read_text())["rows"][1]["trial"] == rows[1]["trial"]
+    m = read_manifest(str(out))
+    assert m["kind"] == "sweep" and m["restored"] is False
+    assert m["scheduler"]["name"] == "ASHA" and m["scheduler"]["grace_period"] == 1
+    # Tune's TensorBoard logs, one event file per trial, for the dashboard
+    assert len(glob.glob(f"{r['experiment']}/*/events.out.tfevents.*")) == 2
+
+
+DRIVER = """
+import sys
+from ray.data import DataContext
+from sepp_ray.config import load
+from sepp_ray.sweep import SweepConfig, run_sweep
+DataContext.get_current().enable_progress_bars = False
+run_sweep(load(SweepConfig, None, sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_driver_killed_mid_sweep_on_object_storage_is_restored_and_completes(
+    tiny: tuple[Path, dict[str, Any]], ray_cluster: str, bucket: str, tmp_path: Path
+) -> None:
+    from sepp_ray.storage import filesystem
+
+    first, _ = tiny
+    data = glob.glob(str(first / "data-*"))[0]
+    out = f"{bucket}/sweep"
+    fs, root = filesystem(out)
+    args = _overrides(
+        out,
+        f"source={data}",  # ingested already: used as is; the sampler is bootstrapped
+        "pretrain.epochs=3",
+        "space.lo=[-1.0,0.5]",
+    )
+
+    def found(pattern: str) -> list[str]:
+        fs.invalidate_cache()
+        return list(fs.glob(f"{root}/{pattern}"))
+
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster}
+    with open(tmp_path / "driver.log", "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", DRIVER, *args], env=env, stdout=log, stderr=log
+        )
+        # kill once the first trial has reported an epoch and Tune has saved its state
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if found("trials/*/checkpoints/epoch-00001/manifest.json") and found(
+                "tune/sweep-*/experiment_state-*.json"
+            ):
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+        proc.kill()
+        proc.wait()
+    assert not found("manifest.json")
+    with fs.open(found("tune/sweep-*/experiment_state-*.json")[0], "r") as f:
+        before = {json.loads(t[0])["trial_id"] for t in json.load(f)["trial_data"]}
+    r = run_sweep(load(SweepConfig, None, args))
+    assert r["restored"] is True and r["summary"] == f"{out}/summary.md"
+    rows = r["rows"]
+    # the same Tune experiment went on: the trials known before the kill kept their ids
+    assert before and before <= {row["trial"] for row in rows}
+    assert sorted(row["lo"] for row in rows) == [-1.0, 0.5]
+    # every trial reached a checkpoint at its last reported epoch, which ASHA judged
+    for row in rows:
+        assert row["status"] in ("done", "stopped")
+        assert row["checkpoint"].endswith(f"epoch-{row['epochs_run']:05d}")
+    # one evaluation of every trial's checkpoint, in one table
+    for row in rows:
+        assert 0.0 <= row["eval"]["kNN top-1"] <= 1.0 and row["top1"] == row["eval"]["kNN top-1"]
+    assert len(found("pairs-*")) == 2
+    m = read_manifest(out)
+    assert m["restored"] is True and m["stages"]["bootstrap"] == 0.0  # reused after the kill
+    assert found("summary.md") and found("acc_vs_k.png") and found("tune/sweep-*/*/events.out.*")
+    assert _free_cpus(2.0) == 2.0
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["space.method=[simclr,mocov9]"], "mocov9"),
+        (["space.backbone=[test_resnet,no_such_net]"], "no_such_net"),
+        (["space.lo=[0.5,0.99995]"], "0.99995 exceeds"),
+        (["space.method=[simclr,byol]", "space.temperature=[0.1]"], "temperature"),
+        (["grace_period=5"], "grace_period"),
+        (["protocols=[knn,astrology]"], "astrology"),
+    ],
+)
+def test_a_bad_search_space_fails_before_any_trial(
+    tmp_path: Path, extra: list[str], message: str
+) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(SeppError, match=message):
+        run_sweep(load(SweepConfig, None, _overrides(out, *extra)))
+    assert not out.exists()  # nothing ingested, mined or trained
