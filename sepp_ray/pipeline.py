@@ -1,28 +1,22 @@
 """`sepp pipeline`: ingest -> (bootstrap sampler) -> mine -> pretrain baseline and SePP -> eval
 -> report, every stage's output on storage and reused when its inputs and config are unchanged.
 
-Each stage writes to ``WORK/<stage>-<hash>``, where the hash covers the stage's own config and
-the identity of its inputs (upstream fingerprints and weights' sha256). A complete output is
-reused as is; an incomplete one (a crash) is continued: pretraining resumes from its newest
-checkpoint. With no sampler checkpoint given, the pipeline bootstraps one: a plain run of the
-method, whose encoder then mines the pairs (as in arXiv 2306.16122's bootstrap setting).
+Each stage writes to ``WORK/<stage>-<hash>`` and is reused when complete, continued when not
+(``sepp_ray.prepare``). With no sampler checkpoint given, the pipeline bootstraps one: a plain
+run of the method, whose encoder then mines the pairs (as in arXiv 2306.16122's bootstrap).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sepp_ray.config import opt
 from sepp_ray.data.ingest import ImageOptions
 from sepp_ray.data.sources import SourceOptions
-from sepp_ray.errors import IncompleteError
-from sepp_ray.mining.encoder import EncoderConfig
 from sepp_ray.mining.mine import MineConfig
+from sepp_ray.prepare import Stages, mine_stage, prepare_data, sampler_checkpoint, train_stage
 from sepp_ray.storage import Location, absolute, filesystem, read_manifest
 from sepp_ray.train.driver import PretrainConfig
 from sepp_ray.train.items import PairsConfig
@@ -45,52 +39,8 @@ class PipelineConfig:
     source_options: SourceOptions = field(default_factory=SourceOptions)
 
 
-def stage_hash(payload: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[
-        :12
-    ]
-
-
-def _complete(uri: str) -> dict[str, Any] | None:
-    try:
-        return read_manifest(uri)
-    except IncompleteError:
-        return None
-
-
-class Stages:
-    """Runs stages in order, timing each and reusing complete outputs."""
-
-    def __init__(self, work: str) -> None:
-        self.work = work.rstrip("/")
-        self.timings: dict[str, float] = {}
-        self.reused: list[str] = []
-
-    def run(
-        self, name: str, payload: dict[str, Any], fn: Any, folder: str | None = None
-    ) -> tuple[str, dict[str, Any]]:
-        """Run stage ``name`` into WORK/<folder or name>-<hash of payload>, or reuse it there.
-        Stages that share a folder prefix share outputs when their payloads are equal."""
-        uri = f"{self.work}/{folder or name}-{stage_hash(payload)}"
-        done = _complete(uri)
-        if done is not None:
-            print(f"[pipeline] {name}: reusing {uri}", flush=True)
-            self.reused.append(name)
-            self.timings[name] = 0.0
-            return uri, done
-        print(f"[pipeline] {name}: running -> {uri}", flush=True)
-        t0 = time.perf_counter()
-        fn(uri)
-        self.timings[name] = round(time.perf_counter() - t0, 1)
-        return uri, read_manifest(uri)
-
-
 def run_pipeline(c: PipelineConfig) -> dict[str, Any]:
-    from sepp_ray.data.ingest import ingest
-    from sepp_ray.data.sources import open_source
     from sepp_ray.eval.command import EvalConfig, run_eval
-    from sepp_ray.mining.pipeline import mine_command
-    from sepp_ray.train.driver import pretrain
 
     c = replace(c, work=absolute(c.work))
     if c.sampler_checkpoint:
@@ -103,53 +53,18 @@ def run_pipeline(c: PipelineConfig) -> dict[str, Any]:
     EvalConfig(checkpoints=["x"], dataset="x", out="x", protocols=list(c.protocols)).validate()
 
     # 1. ingest, unless the source already is an ingested dataset
-    if _complete(c.source) is not None and read_manifest(c.source).get("kind") == "images":
-        data_uri, data = c.source, read_manifest(c.source)
-    else:
-        src = open_source(c.source, c.format, c.source_options)
-        data_uri, data = st.run(
-            "data",
-            {"source": src.describe(), "fp": src.fingerprint(), "images": asdict(c.images)},
-            lambda uri: ingest(src, uri, c.images, overwrite=True),
-        )
+    data_uri, data = prepare_data(st, c.source, c.format, c.source_options, c.images)
     data_fp = data["source"]["fingerprint"]
 
     def train(name: str, epochs: int, pairs: PairsConfig) -> tuple[str, dict[str, Any]]:
-        cfg = replace(
-            c.pretrain, dataset=data_uri, out="", epochs=epochs, pairs=pairs, overwrite=False
-        )
-        payload = {
-            "data": data_fp,
-            "cfg": {k: v for k, v in asdict(cfg).items() if k not in ("out", "dataset")},
-            "pairs_fp": _pairs_identity(pairs.pairs),
-        }
-        # plain runs share a folder: a bootstrap as long as the baseline is the baseline
-        folder = "plain" if not pairs.pairs and not pairs.curated else name
-        return st.run(name, payload, lambda uri: pretrain(replace(cfg, out=uri)), folder)
+        return train_stage(st, name, c.pretrain, data_uri, data_fp, epochs, pairs)
 
     # 2. the sampler: given, or bootstrapped by a plain run
-    if c.sampler_checkpoint:
-        sampler = c.sampler_checkpoint
-    else:
-        _, boot = train("bootstrap", c.bootstrap_epochs, PairsConfig(mode="none"))
-        sampler = boot["final_checkpoint"]
-    sampler_sha = read_manifest(sampler).get("sha256")
-    # 3. mine
-    enc = EncoderConfig(checkpoint=sampler)
-    pairs_uri, pairs = st.run(
-        "pairs",
-        {"data": data_fp, "sampler": sampler_sha, "mining": asdict(c.mining)},
-        lambda uri: mine_command(
-            data_uri,
-            uri,
-            enc,
-            c.mining,
-            splits=[c.pretrain.split],
-            actors=None,
-            overwrite=True,
-            config=asdict(c.mining),
-        ),
+    sampler = sampler_checkpoint(
+        st, c.sampler_checkpoint, c.pretrain, data_uri, data_fp, c.bootstrap_epochs
     )
+    # 3. mine
+    pairs_uri, pairs = mine_stage(st, data_uri, data_fp, sampler, c.mining, c.pretrain.split)
     # 4. baseline and SePP, same epochs, batch and seed
     _, base = train("baseline", c.pretrain.epochs, PairsConfig(mode="none"))
     _, sepp = train("sepp", c.pretrain.epochs, PairsConfig(pairs=pairs_uri, mode=c.pairs_mode))
@@ -177,19 +92,6 @@ def run_pipeline(c: PipelineConfig) -> dict[str, Any]:
     report = write_pipeline_report(c, data_uri, pairs_uri, pairs, base, sepp, eval_uri, st)
     print(f"[pipeline] report: {report}", flush=True)
     return {"report": report, "timings": st.timings, "reused": st.reused}
-
-
-def _pairs_identity(uri: str | None) -> Any:
-    if not uri:
-        return None
-    m = read_manifest(uri)
-    return {
-        "n": m.get("num_pairs"),
-        "encoder": m.get("encoder", {}).get("identity"),
-        "lo": m.get("lo"),
-        "hi": m.get("hi"),
-        "k": m.get("k"),
-    }
 
 
 def _items(run: dict[str, Any]) -> str:

@@ -1,22 +1,82 @@
-"""The first stages that `sepp pipeline` and `sepp sweep` share: ingest, sampler, mining.
+"""The stages that `sepp pipeline` and `sepp sweep` share: ingest, plain or paired pretraining,
+sampler, embedding, mining.
 
-Each runs through ``Stages`` (content-hashed output folders, reused when complete) with the
-same payloads as the pipeline, so both commands name (and reuse) identical stages alike.
+Each runs through ``Stages``: it writes to ``WORK/<stage>-<hash>``, where the hash covers the
+stage's own config and the identity of its inputs (upstream fingerprints, weights' sha256). A
+complete output is reused as is; an incomplete one (a crash) is continued: pretraining resumes
+from its newest checkpoint. Both commands build the same payloads, so they name (and reuse)
+identical stages alike.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import time
 from dataclasses import asdict, replace
 from typing import Any
 
 from sepp_ray.data.ingest import ImageOptions
 from sepp_ray.data.sources import SourceOptions
+from sepp_ray.errors import IncompleteError
 from sepp_ray.mining.encoder import EncoderConfig
 from sepp_ray.mining.mine import MineConfig
-from sepp_ray.pipeline import Stages, _complete, _pairs_identity
 from sepp_ray.storage import read_manifest
 from sepp_ray.train.driver import PretrainConfig
 from sepp_ray.train.items import PairsConfig
+
+
+def stage_hash(payload: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[
+        :12
+    ]
+
+
+def _complete(uri: str) -> dict[str, Any] | None:
+    try:
+        return read_manifest(uri)
+    except IncompleteError:
+        return None
+
+
+class Stages:
+    """Runs stages in order, timing each and reusing complete outputs."""
+
+    def __init__(self, work: str) -> None:
+        self.work = work.rstrip("/")
+        self.timings: dict[str, float] = {}
+        self.reused: list[str] = []
+
+    def run(
+        self, name: str, payload: dict[str, Any], fn: Any, folder: str | None = None
+    ) -> tuple[str, dict[str, Any]]:
+        """Run stage ``name`` into WORK/<folder or name>-<hash of payload>, or reuse it there.
+        Stages that share a folder prefix share outputs when their payloads are equal."""
+        uri = f"{self.work}/{folder or name}-{stage_hash(payload)}"
+        done = _complete(uri)
+        if done is not None:
+            print(f"[pipeline] {name}: reusing {uri}", flush=True)
+            self.reused.append(name)
+            self.timings[name] = 0.0
+            return uri, done
+        print(f"[pipeline] {name}: running -> {uri}", flush=True)
+        t0 = time.perf_counter()
+        fn(uri)
+        self.timings[name] = round(time.perf_counter() - t0, 1)
+        return uri, read_manifest(uri)
+
+
+def _pairs_identity(uri: str | None) -> Any:
+    if not uri:
+        return None
+    m = read_manifest(uri)
+    return {
+        "n": m.get("num_pairs"),
+        "encoder": m.get("encoder", {}).get("identity"),
+        "lo": m.get("lo"),
+        "hi": m.get("hi"),
+        "k": m.get("k"),
+    }
 
 
 def prepare_data(
@@ -37,19 +97,27 @@ def prepare_data(
 
 
 def train_stage(
-    st: Stages, name: str, base: PretrainConfig, data_uri: str, data_fp: Any, epochs: int
+    st: Stages,
+    name: str,
+    base: PretrainConfig,
+    data_uri: str,
+    data_fp: Any,
+    epochs: int,
+    pairs: PairsConfig | None = None,
 ) -> tuple[str, dict[str, Any]]:
-    """A plain (no pairs) pretraining run as a stage: the bootstrap sampler."""
+    """A pretraining run as a stage; plain (no pairs) unless ``pairs`` says otherwise."""
     from sepp_ray.train.driver import pretrain
 
-    pairs = PairsConfig(mode="none")
+    pairs = pairs or PairsConfig(mode="none")
     cfg = replace(base, dataset=data_uri, out="", epochs=epochs, pairs=pairs, overwrite=False)
     payload = {
         "data": data_fp,
         "cfg": {k: v for k, v in asdict(cfg).items() if k not in ("out", "dataset")},
         "pairs_fp": _pairs_identity(pairs.pairs),
     }
-    return st.run(name, payload, lambda uri: pretrain(replace(cfg, out=uri)))
+    # plain runs share a folder: a bootstrap as long as the baseline is the baseline
+    folder = "plain" if not pairs.pairs and not pairs.curated else name
+    return st.run(name, payload, lambda uri: pretrain(replace(cfg, out=uri)), folder)
 
 
 def sampler_checkpoint(

@@ -25,7 +25,7 @@ from sepp_ray.data.ingest import ImageOptions
 from sepp_ray.data.sources import SourceOptions
 from sepp_ray.errors import SeppError
 from sepp_ray.mining.mine import MineConfig
-from sepp_ray.pipeline import Stages, _pairs_identity, stage_hash
+from sepp_ray.prepare import Stages, _pairs_identity, stage_hash
 from sepp_ray.storage import Location, absolute, begin_write, finish_write
 from sepp_ray.train.driver import PretrainConfig, _storage_fs, _storage_path
 from sepp_ray.train.items import PairsConfig

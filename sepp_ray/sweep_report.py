@@ -14,7 +14,7 @@ import math
 import posixpath
 from typing import Any
 
-from sepp_ray.pipeline import Stages, _complete
+from sepp_ray.prepare import Stages, _complete
 from sepp_ray.storage import Location, read_manifest
 
 PARAMS = ("lo", "hi", "k", "method", "backbone", "base_lr", "temperature", "seed")

@@ -56,7 +56,7 @@ class SweepTrial(tune.Trainable):
     def _train(self) -> None:
         from dataclasses import replace
 
-        from sepp_ray.pipeline import _complete
+        from sepp_ray.prepare import _complete
         from sepp_ray.train.driver import pretrain
 
         try:

@@ -137,7 +137,11 @@ def process(
     return Processed(data, width=img.size[0], height=img.size[1], converted_from=converted)
 
 
-def decode_rgb(data: bytes) -> np.ndarray:
-    """Stored bytes -> H x W x 3 uint8 array."""
-    with Image.open(io.BytesIO(data)) as img:
-        return np.asarray(img.convert("RGB"))
+def decode_rgb(data: bytes, size: int | None = None) -> np.ndarray:
+    """Stored bytes -> H x W x 3 uint8 array; resized (bicubic) to size x size when given.
+    The one decode of training, embedding and evaluation, so all see the same pixels."""
+    with Image.open(io.BytesIO(data)) as f:
+        img = f.convert("RGB")
+        if size is not None and img.size != (size, size):
+            img = img.resize((size, size), Image.Resampling.BICUBIC)
+        return np.asarray(img)

@@ -8,7 +8,6 @@ CPU; embeddings come out L2-normalised in fp32.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,10 +15,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
 from sepp_ray.config import opt
+from sepp_ray.data.images import decode_rgb
 from sepp_ray.errors import SeppError
 from sepp_ray.models.backbones import create_backbone
 from sepp_ray.models.checkpoint import (
@@ -109,11 +108,7 @@ def decode_batch(blobs: list[bytes], size: int) -> torch.Tensor:
     """Encoded RGB images -> uint8 B x 3 x size x size (bicubic, antialiased when shrinking)."""
     out = np.empty((len(blobs), size, size, 3), dtype=np.uint8)
     for i, blob in enumerate(blobs):
-        with Image.open(io.BytesIO(blob)) as img:
-            img = img.convert("RGB")
-            if img.size != (size, size):
-                img = img.resize((size, size), Image.Resampling.BICUBIC)
-            out[i] = np.asarray(img)
+        out[i] = decode_rgb(blob, size)
     return torch.from_numpy(out).permute(0, 3, 1, 2)
 
 

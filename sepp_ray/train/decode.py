@@ -5,19 +5,14 @@ Decoding runs on Ray Data's CPU workers, ahead of the trainers, so the GPU only 
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pyarrow as pa
-from PIL import Image
+
+from sepp_ray.data.images import decode_rgb
 
 
 def _decode(blob: bytes, size: int) -> np.ndarray:
-    with Image.open(io.BytesIO(blob)) as img:
-        img = img.convert("RGB")
-        if img.size != (size, size):
-            img = img.resize((size, size), Image.Resampling.BICUBIC)
-        return np.asarray(img)
+    return decode_rgb(blob, size)
 
 
 class DecodeItems:

@@ -117,7 +117,7 @@ def build_items(
         counts["original"] = len(ids)
     if use_pairs and cfg.mode in ("dataset", "both") and len(a):
         if cfg.augmentation_pairs:
-            item = np.array([derived_id("ap", x, y) for x, y in zip(a, p, strict=True)])
+            item = np.array([derived_id("ap", int(x), int(y)) for x, y in zip(a, p, strict=True)])
             parts.append(
                 {
                     "item_id": item,
@@ -129,7 +129,7 @@ def build_items(
             )
             counts["augmentation"] = len(a)
         else:
-            item = np.array([derived_id("sp", x, y) for x, y in zip(a, p, strict=True)])
+            item = np.array([derived_id("sp", int(x), int(y)) for x, y in zip(a, p, strict=True)])
             parts.append(
                 {
                     "item_id": item,

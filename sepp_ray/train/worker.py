@@ -185,9 +185,9 @@ def train_loop(config: dict[str, Any]) -> None:
         c["cifar_stem"],
         method.feat_dim,
         c["image_size"],
-        tuple(recipe.view1.mean),
-        tuple(recipe.view1.std),
-    )  # type: ignore[arg-type]
+        tuple(recipe.view1.mean),  # type: ignore[arg-type]
+        tuple(recipe.view1.std),  # type: ignore[arg-type]
+    )
     mean = torch.tensor(meta.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(meta.std, device=device).view(1, 3, 1, 1)
     monitor = ray.get(c["monitor"]) if c["monitor"] is not None else None
