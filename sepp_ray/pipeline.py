@@ -9,34 +9,28 @@ run of the method, whose encoder then mines the pairs (as in arXiv 2306.16122's 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sepp_ray.config import opt
-from sepp_ray.data.ingest import ImageOptions
-from sepp_ray.data.sources import SourceOptions
-from sepp_ray.mining.mine import MineConfig
-from sepp_ray.prepare import Stages, mine_stage, prepare_data, sampler_checkpoint, train_stage
+from sepp_ray.prepare import (
+    FlowConfig,
+    Stages,
+    mine_stage,
+    prepare_data,
+    sampler_checkpoint,
+    train_stage,
+)
 from sepp_ray.storage import Location, absolute, filesystem, read_manifest
-from sepp_ray.train.driver import PretrainConfig
 from sepp_ray.train.items import PairsConfig
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class PipelineConfig:
-    source: str = opt("digits", "images to ingest (path, URI or built-in), or an ingested URI")
+class PipelineConfig(FlowConfig):
     work: str = opt("runs/pipeline", "where every stage's output goes (local path or s3://)")
-    format: str = opt("auto", "source format (see `sepp ingest --help`)")
-    sampler_checkpoint: str | None = opt(None, "a checkpoint to mine with; none: bootstrap one")
-    bootstrap_epochs: int = opt(10, "epochs of the plain bootstrap run that becomes the sampler")
-    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
-    mining: MineConfig = field(default_factory=MineConfig)
-    pairs_mode: str = opt("dataset", "how pairs enter training: dataset, multi_positive, both")
     protocols: list[str] = opt(["knn", "linear"], "evaluation protocols")
-    images: ImageOptions = field(default_factory=ImageOptions)
-    source_options: SourceOptions = field(default_factory=SourceOptions)
 
 
 def run_pipeline(c: PipelineConfig) -> dict[str, Any]:

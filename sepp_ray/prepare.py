@@ -13,9 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from sepp_ray.config import opt
 from sepp_ray.data.ingest import ImageOptions
 from sepp_ray.data.sources import SourceOptions
 from sepp_ray.errors import IncompleteError
@@ -24,6 +25,21 @@ from sepp_ray.mining.mine import MineConfig
 from sepp_ray.storage import read_manifest
 from sepp_ray.train.driver import PretrainConfig
 from sepp_ray.train.items import PairsConfig
+
+
+@dataclass
+class FlowConfig:
+    """What `sepp pipeline` and `sepp sweep` share: the data, the sampler, the base runs."""
+
+    source: str = opt("digits", "images to ingest (path, URI or built-in), or an ingested URI")
+    format: str = opt("auto", "source format (see `sepp ingest --help`)")
+    sampler_checkpoint: str | None = opt(None, "a checkpoint to mine with; none: bootstrap one")
+    bootstrap_epochs: int = opt(10, "epochs of the plain bootstrap run that becomes the sampler")
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    mining: MineConfig = field(default_factory=MineConfig)
+    pairs_mode: str = opt("dataset", "how pairs enter training: dataset, multi_positive, both")
+    images: ImageOptions = field(default_factory=ImageOptions)
+    source_options: SourceOptions = field(default_factory=SourceOptions)
 
 
 def stage_hash(payload: dict[str, Any]) -> str:

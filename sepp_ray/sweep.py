@@ -25,7 +25,7 @@ from sepp_ray.data.ingest import ImageOptions
 from sepp_ray.data.sources import SourceOptions
 from sepp_ray.errors import SeppError
 from sepp_ray.mining.mine import MineConfig
-from sepp_ray.prepare import Stages, _pairs_identity, stage_hash
+from sepp_ray.prepare import FlowConfig, Stages, _pairs_identity, stage_hash
 from sepp_ray.storage import Location, absolute, begin_write, finish_write
 from sepp_ray.train.driver import PretrainConfig, _storage_fs, _storage_path
 from sepp_ray.train.items import PairsConfig
@@ -49,15 +49,8 @@ class SearchSpace:
 
 
 @dataclass
-class SweepConfig:
-    source: str = opt("digits", "images to ingest (path, URI or built-in), or an ingested URI")
+class SweepConfig(FlowConfig):
     out: str = opt("runs/sweep", "stages, trials, Tune state and the summary (local or s3://)")
-    format: str = opt("auto", "source format (see `sepp ingest --help`)")
-    sampler_checkpoint: str | None = opt(None, "a checkpoint to mine with; none: bootstrap one")
-    bootstrap_epochs: int = opt(10, "epochs of the plain bootstrap run that becomes the sampler")
-    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
-    mining: MineConfig = field(default_factory=MineConfig)
-    pairs_mode: str = opt("dataset", "how pairs enter training: dataset, multi_positive, both")
     space: SearchSpace = field(default_factory=SearchSpace)
     num_samples: int = opt(1, "trials per grid point, seeded pretrain.seed, +1, ...")
     grace_period: int = opt(1, "ASHA: epochs every trial runs before it may be stopped")
