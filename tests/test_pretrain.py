@@ -179,6 +179,19 @@ def test_bad_input_fails_before_training(
     assert not (tmp_path / "bad" / "manifest.json").exists()
 
 
+def test_gpu_workers_the_cluster_lacks_are_waited_for_then_refused(
+    data: tuple[str, str], tmp_path: Path
+) -> None:
+    images, _ = data  # the session cluster has no GPU: none will come
+    t0 = time.monotonic()
+    with pytest.raises(SeppError, match="2 GPU workers asked for, .* after waiting 2 s"):
+        pretrain(_cfg(images, tmp_path / "gpu", workers=2, use_gpu=True, gpu_wait_s=2))
+    assert time.monotonic() - t0 >= 2
+    with pytest.raises(SeppError, match="set gpu_wait_s on an autoscaling cluster"):
+        pretrain(_cfg(images, tmp_path / "gpu", workers=2, use_gpu=True))
+    assert not (tmp_path / "gpu" / "manifest.json").exists()
+
+
 def test_pairs_from_another_dataset_are_refused(data: tuple[str, str], tmp_path: Path) -> None:
     images, pairs = data
     other = str(tmp_path / "other")

@@ -62,6 +62,11 @@ class PretrainConfig:
     shuffle_buffer: int = opt(10_000, "local shuffle buffer of items per worker (0: none)")
     checkpoint_every: int = opt(10, "epochs between checkpoints (the last epoch always)")
     keep_checkpoints: int = opt(2, "newest checkpoints kept")
+    gpu_wait_s: float = opt(
+        0.0,
+        "use_gpu with fewer GPUs than workers: ask the autoscaler for them and wait this long "
+        "(set it on an autoscaling cluster, e.g. 900); 0: fail at once",
+    )
     max_failures: int = opt(3, "worker failures to recover from (resume from a checkpoint)")
     knn_monitor: bool = opt(True, "kNN accuracy on the test split during training")
     knn_every: int = opt(5, "epochs between kNN monitor evaluations (and the last)")
@@ -198,7 +203,7 @@ def pretrain(cfg: PretrainConfig, callbacks: list[Any] | None = None) -> dict[st
     gpus = int(ray.cluster_resources().get("GPU", 0))
     use_gpu = bool(gpus) if cfg.use_gpu is None else cfg.use_gpu
     if use_gpu and gpus < cfg.workers:
-        raise SeppError(f"{cfg.workers} GPU workers asked for, the cluster has {gpus} GPUs")
+        gpus = _wait_for_gpus(cfg)
     # a complete run is final; a crashed one keeps its checkpoints and resumes from them
     keep = (CKPT_DIR, "tensorboard") if not cfg.overwrite else ()
     if not cfg.overwrite:
@@ -290,6 +295,34 @@ def pretrain(cfg: PretrainConfig, callbacks: list[Any] | None = None) -> dict[st
     }
     finish_write(loc, manifest)
     return manifest
+
+
+def _wait_for_gpus(cfg: PretrainConfig) -> int:
+    """Ask the autoscaler for one GPU bundle per worker and wait until the cluster has them
+    (an autoscaling cluster may start with fewer GPU nodes than a run needs)."""
+    import ray
+    from ray.autoscaler.sdk import request_resources
+
+    def have() -> int:
+        return int(ray.cluster_resources().get("GPU", 0))
+
+    if cfg.gpu_wait_s > 0:
+        request_resources(bundles=[{"GPU": 1, "CPU": cfg.cpus_per_worker}] * cfg.workers)
+        log.warning(
+            "waiting up to %.0f s for %d GPUs (have %d)", cfg.gpu_wait_s, cfg.workers, have()
+        )
+        deadline = time.monotonic() + cfg.gpu_wait_s
+        while have() < cfg.workers and time.monotonic() < deadline:
+            time.sleep(min(5.0, max(0.1, deadline - time.monotonic())))
+        request_resources(bundles=[])  # the request has served: idle nodes may go again
+    if have() < cfg.workers:
+        waited = f" after waiting {cfg.gpu_wait_s:.0f} s" if cfg.gpu_wait_s > 0 else ""
+        raise SeppError(
+            f"{cfg.workers} GPU workers asked for, the cluster has {have()} GPUs{waited}: "
+            "lower workers, raise the GPU nodes' min_workers, or set gpu_wait_s on an "
+            "autoscaling cluster"
+        )
+    return have()
 
 
 def _check_resumable(cfg: PretrainConfig) -> None:
