@@ -6,6 +6,8 @@ import logging
 import os
 from typing import Any
 
+log = logging.getLogger(__name__)
+
 
 def init_ray(num_cpus: int | None = None) -> None:
     """Join the cluster in RAY_ADDRESS (a `ray job submit` or `ray start` cluster), or start a
@@ -17,7 +19,12 @@ def init_ray(num_cpus: int | None = None) -> None:
     address = os.environ.get("RAY_ADDRESS") or None
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
     if address is None:
-        kwargs["include_dashboard"] = False
+        # the dashboard on localhost: Ray's State API (which Ray Train's clean-up relies on)
+        # needs it, and users watch the run there; a busy port moves to the next free one
+        kwargs["include_dashboard"] = True
+        kwargs["dashboard_host"] = "127.0.0.1"
         if num_cpus is not None:
             kwargs["num_cpus"] = num_cpus
-    ray.init(address=address, **kwargs)
+    ctx = ray.init(address=address, **kwargs)
+    if address is None and ctx.dashboard_url:
+        log.info("local Ray cluster; dashboard: http://%s", ctx.dashboard_url)
