@@ -24,10 +24,11 @@ import pyarrow.parquet as pq
 import torch
 
 from sepp_ray.data.dataset import ImageDataset
+from sepp_ray.data.infer import infer_to_parquet
 from sepp_ray.errors import IncompleteError, SeppError
 from sepp_ray.mining.encoder import decode_batch
 from sepp_ray.models.checkpoint import BackboneMeta, load_backbone
-from sepp_ray.storage import Location, begin_write, filesystem, finish_write, read_manifest
+from sepp_ray.storage import Location, begin_write, finish_write, read_manifest
 
 log = logging.getLogger(__name__)
 FEATURES_DIR = "features"
@@ -179,8 +180,6 @@ def extract_features(
     A complete output with the same checkpoint weights, backbone meta, dataset content and
     splits is reused as is. Another complete output there is replaced only when ``overwrite``.
     """
-    import ray
-    from ray.data import DataContext
 
     from sepp_ray.ray_utils import init_ray
 
@@ -200,29 +199,16 @@ def extract_features(
             return old
     loc = begin_write(out_uri, overwrite=overwrite)
     init_ray()
-    DataContext.get_current().execution_options.preserve_order = True
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    n_actors = actors or (gpus if gpus else max(1, min(cpus - 1, 4)))
-    rds = ds.to_ray(columns=["id", "image", "label", "split"])
-    if set(splits) != set(ds.manifest["splits"]):
-        wanted = pa.array(splits, pa.string())
-        rds = rds.map_batches(
-            lambda t: t.filter(pc.is_in(t["split"], value_set=wanted)), batch_format="pyarrow"
-        )
-    rds = rds.map_batches(
+    files, rows, n_actors, gpus = infer_to_parquet(
+        ds,
+        splits,
         FeatureExtractor,
-        fn_constructor_args=(checkpoint_uri,),
-        batch_size=batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=n_actors),
-        num_gpus=1 if gpus else 0,
-        num_cpus=1 if not gpus else 2,
+        (checkpoint_uri,),
+        batch_size,
+        loc,
+        FEATURES_DIR,
+        actors=actors,
     )
-    fs, _ = filesystem(out_uri)
-    rds.write_parquet(loc.join(FEATURES_DIR), filesystem=fs)
-    files = sorted(p for p in fs.ls(loc.join(FEATURES_DIR), detail=False) if p.endswith(".parquet"))
-    rows = [pq.ParquetFile(fs.open(p, "rb")).metadata.num_rows for p in files]
     expected = {s: int(ds.manifest["splits"][s]["total"]) for s in splits}
     if sum(rows) != sum(expected.values()):
         raise SeppError(

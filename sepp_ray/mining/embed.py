@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from sepp_ray.data.dataset import ImageDataset
+from sepp_ray.data.infer import infer_to_parquet
 from sepp_ray.errors import SeppError
 from sepp_ray.mining.anchors import Vectors
 from sepp_ray.mining.encoder import EncoderConfig, load_encoder
@@ -26,22 +27,12 @@ from sepp_ray.storage import (
     Location,
     absolute,
     begin_write,
-    filesystem,
     finish_write,
     read_manifest,
 )
 
 log = logging.getLogger(__name__)
 EMB_DIR = "embeddings"
-
-
-def _split_filter(splits: list[str]) -> Any:
-    wanted = pa.array(splits, pa.string())
-
-    def keep(t: pa.Table) -> pa.Table:
-        return t.filter(pc.is_in(t["split"], value_set=wanted))
-
-    return keep
 
 
 def embed(
@@ -55,8 +46,6 @@ def embed(
     rows_per_file: int = 100_000,
 ) -> dict[str, Any]:
     """Embed the images of ``splits`` (all when None); returns the manifest written."""
-    import ray
-    from ray.data import DataContext
 
     from sepp_ray.ray_utils import init_ray
 
@@ -75,31 +64,20 @@ def embed(
     _, meta, identity = load_encoder(encoder)  # fail on a bad checkpoint before any Ray work
     loc = begin_write(out_uri, overwrite=overwrite)
     init_ray()
-    # Fixed batch composition makes embeddings bit-identical across runs and cluster shapes.
-    DataContext.get_current().execution_options.preserve_order = True
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    # leave one CPU to the read tasks that feed the actors, or the pipeline starves
-    n_actors = actors or (gpus if gpus else max(1, min(cpus - 1, 4)))
-    rds = ds.to_ray(columns=["id", "image", "label", "split"])
-    if set(chosen) != set(present):
-        rds = rds.map_batches(_split_filter(chosen), batch_format="pyarrow")
     from sepp_ray.mining.encoder import Embedder
 
-    rds = rds.map_batches(
-        Embedder,
-        fn_constructor_args=(encoder,),
-        batch_size=encoder.batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=n_actors),
-        num_gpus=1 if gpus else 0,
-        num_cpus=1 if not gpus else 2,
-    )
-    fs, _ = filesystem(out_uri)
     # files are the unit of key sharding in `sepp mine shard_keys=S`
-    rds.write_parquet(loc.join(EMB_DIR), filesystem=fs, max_rows_per_file=rows_per_file)
-    files = sorted(p for p in fs.ls(loc.join(EMB_DIR), detail=False) if p.endswith(".parquet"))
-    rows = [pq.ParquetFile(fs.open(p, "rb")).metadata.num_rows for p in files]
+    files, rows, n_actors, gpus = infer_to_parquet(
+        ds,
+        chosen,
+        Embedder,
+        (encoder,),
+        encoder.batch_size,
+        loc,
+        EMB_DIR,
+        actors=actors,
+        rows_per_file=rows_per_file,
+    )
     if sum(rows) != n_expected:
         raise SeppError(f"embedded {sum(rows)} images but expected {n_expected}: rerun")
     manifest = {
