@@ -116,30 +116,23 @@ def build_items(
         )
         counts["original"] = len(ids)
     if use_pairs and cfg.mode in ("dataset", "both") and len(a):
-        if cfg.augmentation_pairs:
-            item = np.array([derived_id("ap", int(x), int(y)) for x, y in zip(a, p, strict=True)])
-            parts.append(
-                {
-                    "item_id": item,
-                    "image": take(a),
-                    "image2": take(a),
-                    "kind": np.full(len(a), AUGMENTATION, np.int8),
-                    "pos_ids": [[] for _ in a],
-                }
-            )
-            counts["augmentation"] = len(a)
-        else:
-            item = np.array([derived_id("sp", int(x), int(y)) for x, y in zip(a, p, strict=True)])
-            parts.append(
-                {
-                    "item_id": item,
-                    "image": take(a),
-                    "image2": take(p),
-                    "kind": np.full(len(a), SEMANTIC, np.int8),
-                    "pos_ids": [[] for _ in a],
-                }
-            )
-            counts["semantic"] = len(a)
+        # AP baseline: the same count of items, each one image twice (no semantic positive)
+        tag, kind, name, second = (
+            ("ap", AUGMENTATION, "augmentation", a)
+            if cfg.augmentation_pairs
+            else ("sp", SEMANTIC, "semantic", p)
+        )
+        item = np.array([derived_id(tag, int(x), int(y)) for x, y in zip(a, p, strict=True)])
+        parts.append(
+            {
+                "item_id": item,
+                "image": take(a),
+                "image2": take(second),
+                "kind": np.full(len(a), kind, np.int8),
+                "pos_ids": [[] for _ in a],
+            }
+        )
+        counts[name] = len(a)
     if curated is not None:
         for col in ("image_a", "image_b"):
             if col not in curated.column_names:
