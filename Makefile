@@ -7,7 +7,13 @@ BIN := $(VENV)/bin
 RUNS ?= runs
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-slow lint bench-ingest clean
+.PHONY: run test test-slow lint bench-ingest browser clean
+
+# the `sepp curate` browser tests drive Debian's chromium through chromedriver (never a
+# browser downloaded at run time); installed here when missing (needs root, as on CI)
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { apt-get update -q && apt-get install -y -q chromium chromium-driver; }
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,10 +27,10 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	RAY_AUTH_MODE=disabled $(BIN)/sepp pipeline --config jobs/pipeline-digits.yaml work=$(RUNS)/pipeline
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest
 
-test-slow: $(STAMP)
+test-slow: $(STAMP) browser
 	$(BIN)/python -m pytest -m slow
 
 lint: $(STAMP)

@@ -18,6 +18,7 @@ from typing import Any
 
 from sepp_ray import config as cfg
 from sepp_ray.config import opt
+from sepp_ray.curate.command import CurateConfig, run_curate
 from sepp_ray.data.ingest import ImageOptions
 from sepp_ray.data.sources import FORMATS, SourceOptions
 from sepp_ray.errors import SeppError
@@ -228,6 +229,7 @@ class Command:
     positionals: tuple[str, ...]
     summary: str
     flags: tuple[str, ...] = ()  # boolean keys also offered as --flag
+    options: tuple[str, ...] = ()  # valued keys also offered as --key VALUE
 
 
 COMMANDS: dict[str, Command] = {
@@ -285,6 +287,13 @@ COMMANDS: dict[str, Command] = {
         ("source",),
         "Ray Tune + ASHA over thresholds, K, method, backbone, lr, temperature; summary, plots",
     ),
+    "curate": Command(
+        CurateConfig,
+        run_curate,
+        ("pairs",),
+        "review mined pairs in the browser; export the accepted ones for pretraining",
+        options=("port", "export", "host", "token"),
+    ),
     "pairs-report": Command(
         PairsReportConfig,
         run_pairs_report,
@@ -328,6 +337,13 @@ def build_parser() -> argparse.ArgumentParser:
                 dest=f"flag_{flag}",
                 action="store_true",
                 help=f"same as {flag}=true",
+            )
+        for key in spec.options:
+            p.add_argument(
+                f"--{key.replace('_', '-')}",
+                dest=f"flag_{key}",
+                metavar=key.upper(),
+                help=f"same as {key}=...",
             )
         if "format" in {f for f, *_ in cfg.describe(spec.config_cls)}:
             p.add_argument("--format", dest="flag_format", help="same as format=...")

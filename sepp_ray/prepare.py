@@ -37,7 +37,11 @@ class FlowConfig:
     bootstrap_epochs: int = opt(10, "epochs of the plain bootstrap run that becomes the sampler")
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     mining: MineConfig = field(default_factory=MineConfig)
-    pairs_mode: str = opt("dataset", "how pairs enter training: dataset, multi_positive, both")
+    equal_compute: bool = opt(
+        True,
+        "every run takes the plain run's optimizer steps (train images // batch x epochs): "
+        "pair items then mean fewer epochs, not more steps",
+    )
     images: ImageOptions = field(default_factory=ImageOptions)
     source_options: SourceOptions = field(default_factory=SourceOptions)
 
@@ -120,19 +124,31 @@ def train_stage(
     data_fp: Any,
     epochs: int,
     pairs: PairsConfig | None = None,
+    budget_steps: int | None = None,
+    folder: str | None = None,
 ) -> tuple[str, dict[str, Any]]:
-    """A pretraining run as a stage; plain (no pairs) unless ``pairs`` says otherwise."""
+    """A pretraining run as a stage; plain (no pairs) unless ``pairs`` says otherwise.
+    ``budget_steps``: the optimizer steps it takes (``sepp_ray.train.budget``); ``folder``:
+    the output folder's prefix (default: ``name``)."""
     from sepp_ray.train.driver import pretrain
 
     pairs = pairs or PairsConfig(mode="none")
-    cfg = replace(base, dataset=data_uri, out="", epochs=epochs, pairs=pairs, overwrite=False)
+    cfg = replace(
+        base,
+        dataset=data_uri,
+        out="",
+        epochs=epochs,
+        pairs=pairs,
+        overwrite=False,
+        budget_steps=budget_steps,
+    )
     payload = {
         "data": data_fp,
         "cfg": {k: v for k, v in asdict(cfg).items() if k not in ("out", "dataset")},
         "pairs_fp": _pairs_identity(pairs.pairs),
     }
     # plain runs share a folder: a bootstrap as long as the baseline is the baseline
-    folder = "plain" if not pairs.pairs and not pairs.curated else name
+    folder = "plain" if not pairs.pairs and not pairs.curated else folder or name
     return st.run(name, payload, lambda uri: pretrain(replace(cfg, out=uri)), folder)
 
 
@@ -143,11 +159,15 @@ def sampler_checkpoint(
     data_uri: str,
     data_fp: Any,
     bootstrap_epochs: int,
+    budget_steps: int | None = None,
 ) -> str:
-    """The checkpoint that mines: ``given``, or a bootstrapped plain run (arXiv 2306.16122)."""
+    """The checkpoint that mines: ``given``, or a bootstrapped plain run (arXiv 2306.16122).
+    ``budget_steps``: as a plain run of that length gets it, so the two are one stage."""
     if given:
         return given
-    _, boot = train_stage(st, "bootstrap", base, data_uri, data_fp, bootstrap_epochs)
+    _, boot = train_stage(
+        st, "bootstrap", base, data_uri, data_fp, bootstrap_epochs, budget_steps=budget_steps
+    )
     return str(boot["final_checkpoint"])
 
 

@@ -6,6 +6,10 @@ sampler config share one mining, and no two trials race to write it. Tune then r
 per grid point (x ``num_samples`` seeds); each trial launches a Ray Train pretraining run into
 ``OUT/trials/trial-<hash>`` whose per-epoch metrics reach Tune through a Ray Train callback
 (see ``sweep_trial``), so ASHA (arXiv 1810.05934) stops weak trials on the kNN monitor.
+Selection reads validation only: the monitor queries ``pretrain.monitor_split`` ("val", carved
+from train at ingest), never test, and ranks the trials; the test split is read once, by the
+final evaluation. Every trial takes the plain run's optimizer steps (``equal_compute``), so
+ASHA's time is optimizer steps: trials with more pair items run fewer, longer epochs.
 Tune's state lives in ``OUT/tune/<experiment>`` (local or s3://): a rerun after an
 interruption restores it (``Tuner.restore``) and each unfinished trial resumes from its own
 newest checkpoint. Last, every trial's newest checkpoint is evaluated in one table and the
@@ -27,6 +31,7 @@ from sepp_ray.errors import SeppError
 from sepp_ray.mining.mine import MineConfig
 from sepp_ray.prepare import FlowConfig, Stages, _pairs_identity, stage_hash
 from sepp_ray.storage import Location, absolute, begin_write, finish_write
+from sepp_ray.train.budget import epochs_for, plain_steps, planned_items, split_size
 from sepp_ray.train.driver import PretrainConfig, _storage_fs, _storage_path
 from sepp_ray.train.items import PairsConfig
 
@@ -52,10 +57,17 @@ class SearchSpace:
 class SweepConfig(FlowConfig):
     out: str = opt("runs/sweep", "stages, trials, Tune state and the summary (local or s3://)")
     space: SearchSpace = field(default_factory=SearchSpace)
+    pairs_mode: str = opt(
+        "dataset", "how pairs enter training: dataset, multi_positive, both, cancel"
+    )
     num_samples: int = opt(1, "trials per grid point, seeded pretrain.seed, +1, ...")
-    grace_period: int = opt(1, "ASHA: epochs every trial runs before it may be stopped")
+    grace_period: int = opt(
+        1, "ASHA: plain-run epochs (in optimizer steps) every trial runs before it may stop"
+    )
     reduction_factor: float = opt(2.0, "ASHA: a rung keeps the best 1/reduction_factor")
-    metric: str = opt("knn_top1", "the per-epoch metric ASHA ranks trials by")
+    metric: str = opt(
+        "knn_top1", "the per-epoch metric ASHA and the ranking read (knn_*: on the val split)"
+    )
     mode: str = opt("max", "max or min: whether a larger metric is better")
     gpus_per_trial: int | None = opt(
         None,
@@ -111,7 +123,18 @@ def trial_pretrain(ctx: dict[str, Any], params: dict[str, Any]) -> PretrainConfi
         out="",
         overwrite=False,
         pairs=PairsConfig(pairs=ctx["pairs"].get(pairs_key), mode=ctx["pairs_mode"]),
+        budget_steps=ctx.get("budget"),
     )
+
+
+def trial_plan(ctx: dict[str, Any], cfg: PretrainConfig) -> dict[str, int]:
+    """A trial's steps per epoch, optimizer steps and epochs, from the manifests: ASHA's
+    clock, and what tells a finished trial from one ASHA stopped."""
+    n_pairs = ctx.get("num_pairs", {}).get(cfg.pairs.pairs or "", 0)
+    items = planned_items(ctx["n_train"], n_pairs, cfg.pairs.mode)
+    spe = max(1, items // cfg.batch_size)
+    total = cfg.budget_steps or spe * cfg.epochs
+    return {"steps_per_epoch": spe, "total_steps": total, "epochs": epochs_for(total, spe)}
 
 
 def trial_out(ctx: dict[str, Any], cfg: PretrainConfig) -> str:
@@ -139,8 +162,14 @@ def _check_backbone(name: str) -> None:
 def validate(c: SweepConfig) -> list[dict[str, Any]]:
     """Every trial's params, after checking each combination: bad input fails before Ray."""
     from sepp_ray.eval.command import PROTOCOLS
+    from sepp_ray.methods.base import check_pair_use
 
     PairsConfig(mode=c.pairs_mode).validate()
+    if c.pretrain.monitor_split == "test" and c.metric.startswith("knn"):
+        raise SeppError(
+            "pretrain.monitor_split=test would select trials on the test split: keep it 'val' "
+            "(carved from train at ingest, images.val_fraction)"
+        )
     if c.mode not in ("max", "min"):
         raise SeppError(f"mode must be max or min, got {c.mode!r}")
     for name in ("num_samples", "grace_period"):
@@ -160,23 +189,29 @@ def validate(c: SweepConfig) -> list[dict[str, Any]]:
         mining_for(c.mining, m).validate()
     ctx = {"base": c.pretrain, "mining": c.mining, "data_uri": "x", "pairs": {}, "pairs_mode": ""}
     trials = _product(ax)
+    use = {"multi_positive": "attract", "both": "attract", "cancel": "cancel"}.get(c.pairs_mode)
     for params in trials:
         cfg = trial_pretrain(ctx, params)
+        if use:  # pairs in the loss: the method must honour them (dataset mode: every method)
+            check_pair_use(cfg.method, use)
         replace(cfg, out="x", pairs=c.pretrain.pairs).validate()
         _check_backbone(cfg.backbone)
     return trials
 
 
 def _check_monitor(c: SweepConfig, data: dict[str, Any]) -> None:
-    """ASHA on a kNN metric needs the monitor, which needs labels in both splits."""
+    """ASHA on a kNN metric needs the monitor, which needs labels in the training split and
+    in the validation split it queries."""
     if not c.metric.startswith("knn"):
         return
     splits = data["splits"]
-    labeled = all(splits.get(s, {}).get("labeled", 0) > 0 for s in (c.pretrain.split, "test"))
+    needed = (c.pretrain.split, c.pretrain.monitor_split)
+    labeled = all(splits.get(s, {}).get("labeled", 0) > 0 for s in needed)
     if not (c.pretrain.knn_monitor and labeled):
         raise SeppError(
             f"metric {c.metric} comes from the kNN monitor, which needs pretrain.knn_monitor=true "
-            f"and labeled {c.pretrain.split!r} and 'test' splits; or set metric=loss mode=min"
+            f"and labeled {needed[0]!r} and {needed[1]!r} splits (ingest carves 'val' from "
+            "train: images.val_fraction > 0); or set metric=loss mode=min"
         )
     if c.pretrain.knn_every > c.grace_period:
         log.warning(
@@ -210,9 +245,15 @@ def _dirname(trial: Any) -> str:
 
 
 def _tuner(
-    c: SweepConfig, trainable: Any, ax: dict[str, list[Any]], name: str, conc: int
+    c: SweepConfig,
+    trainable: Any,
+    ax: dict[str, list[Any]],
+    name: str,
+    conc: int,
+    clock: tuple[int, int],
 ) -> tuple[Any, bool]:
-    """The sweep's Tuner: restored when an interrupted run of the same sweep is on storage."""
+    """The sweep's Tuner: restored when an interrupted run of the same sweep is on storage.
+    ``clock``: (max_t, grace period) in optimizer steps."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -226,9 +267,11 @@ def _tuner(
         )
         return tuner, True
     scheduler = ASHAScheduler(
-        time_attr="epoch",  # not Tune's iteration count, which restarts with a restored trial
-        max_t=c.pretrain.epochs,
-        grace_period=c.grace_period,
+        # optimizer steps, the compute every trial shares (a trial with more pair items has
+        # longer epochs); not Tune's iteration count, which restarts with a restored trial
+        time_attr="step",
+        max_t=clock[0],
+        grace_period=clock[1],
         reduction_factor=c.reduction_factor,
     )
     tuner = tune.Tuner(
@@ -273,8 +316,11 @@ def run_sweep(c: SweepConfig) -> dict[str, Any]:
     data_uri, data = prepare_data(st, c.source, c.format, c.source_options, c.images)
     _check_monitor(c, data)
     data_fp = data["source"]["fingerprint"]
+    p = c.pretrain
+    budget = plain_steps(data, p.split, p.batch_size, p.epochs) if c.equal_compute else None
+    boot = plain_steps(data, p.split, p.batch_size, c.bootstrap_epochs) if budget else None
     sampler = sampler_checkpoint(
-        st, c.sampler_checkpoint, c.pretrain, data_uri, data_fp, c.bootstrap_epochs
+        st, c.sampler_checkpoint, p, data_uri, data_fp, c.bootstrap_epochs, boot
     )
     ax = axes(c)
     emb_uri, _ = embed_stage(st, data_uri, data_fp, sampler, c.pretrain.split)
@@ -293,19 +339,26 @@ def run_sweep(c: SweepConfig) -> dict[str, Any]:
         "pairs_mode": c.pairs_mode,
         "out": c.out,
         "metric": c.metric,
+        "budget": budget,
+        "n_train": split_size(data, p.split),
+        "num_pairs": {u: int(m.get("num_pairs", 0)) for u, m in mined.items()},
     }
+    plans = [trial_plan(ctx, trial_pretrain(ctx, t)) for t in _product(ax)]
+    plain_spe = max(1, ctx["n_train"] // p.batch_size)
+    clock = (max(x["total_steps"] for x in plans), c.grace_period * plain_spe)
     name = "sweep-" + stage_hash(
         {
             "data": data_fp,
             "pairs": pairs,
             "pretrain": asdict(c.pretrain),
             "axes": ax,
-            "asha": [c.grace_period, c.reduction_factor, c.metric, c.mode],
+            "asha": [c.grace_period, c.reduction_factor, c.metric, c.mode, "step"],
+            "budget": budget,
         }
     )
     # the trial itself holds almost nothing: its Ray Train workers reserve their own resources
     trainable = tune.with_resources(tune.with_parameters(SweepTrial, ctx=ctx), {"cpu": 0.01})
-    tuner, restored = _tuner(c, trainable, ax, name, conc)
+    tuner, restored = _tuner(c, trainable, ax, name, conc, clock)
     grid = tuner.fit()
     rows = collect_rows(grid, ctx, mined)
     if rows and all(r["status"] == "error" for r in rows):
@@ -324,13 +377,16 @@ def run_sweep(c: SweepConfig) -> dict[str, Any]:
             "cpus_per_trial": cpus_per,
             "scheduler": {
                 "name": "ASHA",
-                "time_attr": "epoch",
-                "max_t": c.pretrain.epochs,
-                "grace_period": c.grace_period,
+                "time_attr": "step",
+                "max_t": clock[0],
+                "grace_period": clock[1],
+                "grace_period_epochs": c.grace_period,
                 "reduction_factor": c.reduction_factor,
                 "metric": c.metric,
                 "mode": c.mode,
+                "split": p.monitor_split if c.metric.startswith("knn") else None,
             },
+            "budget_steps": budget,
             "files": files,
             "stages": st.timings,
             "config": json.loads(json.dumps(asdict(c), default=str)),

@@ -2,8 +2,10 @@
 
 A trial's row joins three sources: Tune's per-epoch results (what ASHA saw), the trial's own
 pretraining output (its newest checkpoint, also for a trial ASHA stopped) and the mined pairs
-it trained with (count and pair precision). Accuracies are those of one ``sepp eval`` over every
-trial's newest checkpoint, so all trials are judged by the same protocol in one table.
+it trained with (count and pair precision). Trials are ranked, and the plots drawn, on what
+ASHA read: the kNN monitor on the validation split. Test accuracies are those of one
+``sepp eval`` over every trial's newest checkpoint, read once at the end and never used to
+choose: all trials are judged by the same protocol in one table.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from sepp_ray.prepare import Stages, _complete
 from sepp_ray.storage import Location, read_manifest
 
 PARAMS = ("lo", "hi", "k", "method", "backbone", "base_lr", "temperature", "seed")
-CURVE = ("epoch", "loss", "knn_top1", "knn_top5")
+CURVE = ("epoch", "step", "loss", "knn_top1", "knn_top5")
 
 
 def _num(v: Any) -> Any:
@@ -45,29 +47,32 @@ def collect_rows(
 ) -> list[dict[str, Any]]:
     """One row per Tune trial, in trial order (the order trials started in)."""
     from sepp_ray.methods import make_hparams
-    from sepp_ray.sweep import mining_for, trial_out, trial_pretrain
+    from sepp_ray.sweep import mining_for, trial_out, trial_plan, trial_pretrain
     from sepp_ray.train.state import list_checkpoints
 
     rows: list[dict[str, Any]] = []
     for result in grid:
         params = dict(result.config or {})
         cfg, mcfg = trial_pretrain(ctx, params), mining_for(ctx["mining"], params)
-        out = trial_out(ctx, cfg)
+        out, plan = trial_out(ctx, cfg), trial_plan(ctx, cfg)
         history = _history(result, ctx["metric"])
         done = _complete(out)
         run = max([int(h["epoch"]) for h in history if h.get("epoch")] or [0])
+        planned = plan["epochs"]
         if done is not None:
-            run = max(run, int(done["epochs"]))
+            planned = int(done.get("epochs_run", done["epochs"]))
+            run = max(run, planned)
         # the newest checkpoint the trial reached by its last result (what ASHA judged)
         ckpts = [u for e, u in list_checkpoints(out) if e <= run]
         pairs = mined.get(cfg.pairs.pairs or "", {})
         monitor = [h["knn_top1"] for h in history if h.get("knn_top1") is not None]
+        selection = [h[ctx["metric"]] for h in history if h.get(ctx["metric"]) is not None]
         hp = make_hparams(cfg.method, **cfg.hparams)
         err = result.error
         rows.append(
             {
                 "trial": posixpath.basename(str(result.path).rstrip("/")),
-                "status": "error" if err else ("done" if run >= cfg.epochs else "stopped"),
+                "status": "error" if err else ("done" if run >= planned else "stopped"),
                 "error": f"{type(err).__name__}: {err}" if err else None,
                 "lo": mcfg.lo,
                 "hi": mcfg.hi,
@@ -80,15 +85,18 @@ def collect_rows(
                 "pairs_uri": cfg.pairs.pairs,
                 "pairs": pairs.get("num_pairs"),
                 "precision": (pairs.get("precision") or {}).get("overall"),
-                "epochs": cfg.epochs,
+                "epochs": planned,
                 "epochs_run": run,
-                "stopped_early": run < cfg.epochs,
+                "stopped_early": run < planned,
+                "total_steps": plan["total_steps"],
                 "monitor_top1": monitor[-1] if monitor else None,
+                "selection": selection[-1] if selection else None,
                 "history": history,
                 "out": out,
                 "checkpoint": ckpts[-1] if ckpts else None,
                 "eval": {},
                 "top1": None,
+                "test_top1": None,
             }
         )
     return sorted(rows, key=lambda r: r["trial"])
@@ -102,9 +110,10 @@ def evaluate(
     protocols: list[str],
     knn_k: int,
 ) -> None:
-    """One ``sepp eval`` of every trial's checkpoint (a reused stage on a rerun); fills the
-    rows' ``eval`` and ``top1`` (the accuracy the plots show: kNN, else linear, else monitor).
-    kNN votes with the monitor's ``knn_k`` neighbours, the accuracy ASHA ranked by."""
+    """One ``sepp eval`` of every trial's checkpoint on the test split (a reused stage on a
+    rerun); fills the rows' ``eval`` and ``test_top1`` (kNN, else linear), and ``top1``, the
+    accuracy the plots show: the validation monitor's, as plots guide choices. kNN votes with
+    the monitor's ``knn_k`` neighbours, as the monitor ASHA read."""
     from sepp_ray.eval.command import EvalConfig, read_metrics, run_eval
 
     ckpts = [r["checkpoint"] for r in rows if r["checkpoint"]] if protocols else []
@@ -133,7 +142,8 @@ def evaluate(
         heads = {e["uri"]: e["headline"] for e in read_metrics(uri)["checkpoints"]}
     for r in rows:
         r["eval"] = heads.get(r["checkpoint"], {})
-        r["top1"] = r["eval"].get("kNN top-1", r["eval"].get("linear top-1", r["monitor_top1"]))
+        r["test_top1"] = r["eval"].get("kNN top-1", r["eval"].get("linear top-1"))
+        r["top1"] = r["monitor_top1"]
 
 
 def _pct(v: float | None) -> str:
@@ -144,9 +154,22 @@ def _cell(v: Any) -> str:
     return "—" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
 
 
+def ranked(rows: list[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
+    """Best first by the selection metric (what ASHA read, on validation), per ``mode``;
+    trials without a value last. Test accuracies play no part."""
+    sign = 1.0 if mode == "max" else -1.0
+    return sorted(
+        rows,
+        key=lambda r: (r["selection"] is not None, sign * (r["selection"] or 0.0)),
+        reverse=True,
+    )
+
+
 def summary_markdown(rows: list[dict[str, Any]], c: Any, experiment: str) -> str:
     cols = list(dict.fromkeys(k for r in rows for k in r["eval"]))
-    best = sorted(rows, key=lambda r: -1.0 if r["top1"] is None else r["top1"], reverse=True)
+    best = ranked(rows, c.mode)
+    split = c.pretrain.monitor_split if c.metric.startswith("knn") else "train"
+    budget = rows[0]["total_steps"] if rows and c.equal_compute else None
     count = {s: sum(r["status"] == s for r in rows) for s in ("done", "stopped", "error")}
     lines = [
         "# sepp-ray sweep",
@@ -156,13 +179,21 @@ def summary_markdown(rows: list[dict[str, Any]], c: Any, experiment: str) -> str
         f"- {len(rows)} trials: {count['done']} ran all epochs, {count['stopped']} stopped "
         f"early by ASHA (grace {c.grace_period}, reduction {c.reduction_factor:g}, "
         f"{c.metric} {c.mode}), {count['error']} failed",
+        f"- selection: ASHA and this ranking read {c.metric} on the {split!r} split; the test "
+        "columns come from one evaluation at the end and choose nothing",
+        "- compute: "
+        + (
+            f"equal, {budget} optimizer steps per trial (the plain run's)"
+            if budget
+            else "equal epochs (equal_compute=false)"
+        ),
         f"- Tune experiment (TensorBoard: `tensorboard --logdir {experiment}`)",
         "",
-        "## Trials, best first (accuracies in %)",
+        f"## Trials, best {c.metric} on {split!r} first (accuracies in %; eval columns: test)",
         "",
         "| trial | "
         + " | ".join(PARAMS)
-        + " | pairs | pair precision | monitor top-1 | "
+        + f" | pairs | pair precision | {split} kNN top-1 | "
         + "".join(f"{col} | " for col in cols)
         + "epochs run | stopped early |",
         "|---" * (len(PARAMS) + 6 + len(cols)) + "|",
@@ -208,7 +239,7 @@ def accuracy_plot(rows: list[dict[str, Any]], x: str, series: tuple[str, ...], t
             face = "none" if r["stopped_early"] else line.get_color()
             ax.plot(r[x], 100 * r["top1"], "o", mfc=face, mec=line.get_color())
     ax.set_xlabel(x)
-    ax.set_ylabel("top-1 (%)")
+    ax.set_ylabel("validation kNN top-1 (%)")
     ax.set_title(title)
     if any(ax.get_legend_handles_labels()[1]):
         ax.legend(fontsize=7)

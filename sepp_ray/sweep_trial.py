@@ -7,7 +7,8 @@ which a cluster without a dashboard lacks), so stopped trials would starve the n
 CPUs or GPUs. Here the trial's ``cleanup`` aborts the run through its controller, which frees
 the workers and their placement group, and a run past its last epoch is left to finish and
 write its manifest. Each epoch's metrics reach Tune through ``_Forward``: a Ray Train callback
-in the run's controller that puts them on a queue the trial's ``step`` reads.
+in the run's controller that puts them on a queue the trial's ``step`` reads. Each result
+carries ``step``, the optimizer steps done, ASHA's clock (``sweep.trial_plan``).
 """
 
 from __future__ import annotations
@@ -41,10 +42,11 @@ class SweepTrial(tune.Trainable):
     """Tune's view of one pretraining run: one ``step`` per epoch."""
 
     def setup(self, config: dict[str, Any], ctx: dict[str, Any]) -> None:  # type: ignore[override]
-        from sepp_ray.sweep import trial_out, trial_pretrain
+        from sepp_ray.sweep import trial_out, trial_plan, trial_pretrain
 
         self.cfg = trial_pretrain(ctx, dict(config))
         self.out = trial_out(ctx, self.cfg)
+        self.plan = trial_plan(ctx, self.cfg)
         self.metric: str = ctx["metric"]
         self.last: dict[str, Any] = {self.metric: math.nan}
         self.queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
@@ -78,9 +80,14 @@ class SweepTrial(tune.Trainable):
             return {**self.last, "done": True}
         self.controller = controller or self.controller
         self.last_epoch = int(value.get("epoch", self.last_epoch))
+        step = min(self.last_epoch * self.plan["steps_per_epoch"], self.plan["total_steps"])
         # Tune wants the metric in every result: epochs without a kNN monitor carry the last
-        self.last = {**value, self.metric: value.get(self.metric, self.last[self.metric])}
-        return {**self.last, "done": self.last_epoch >= self.cfg.epochs}
+        self.last = {
+            **value,
+            self.metric: value.get(self.metric, self.last[self.metric]),
+            "step": step,
+        }
+        return {**self.last, "done": self.last_epoch >= self.plan["epochs"]}
 
     def cleanup(self) -> None:
         """Past the last epoch the run only writes its manifest: wait for it. Stopped earlier
@@ -89,8 +96,12 @@ class SweepTrial(tune.Trainable):
 
         if not self.thread.is_alive():
             return
-        if self.last_epoch >= self.cfg.epochs:
-            self.thread.join()
+        if self.last_epoch >= self.plan["epochs"]:
+            while self.thread.is_alive():  # drain what a run longer than planned still reports
+                try:
+                    self.queue.get(timeout=1)
+                except Empty:
+                    pass
             return
         if self.controller is not None:
             aborted = self.controller.abort.remote()  # queued before the controller resumes

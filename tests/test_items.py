@@ -1,95 +1,149 @@
-"""Training items for each pair mode, and their decoding (pure, no Ray)."""
+"""Training items for each pair mode: the plan from ids (pure), and the item table a Ray Data job
+writes with the images they name (the session's cluster)."""
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from sepp_ray.errors import SeppError
-from sepp_ray.train.decode import DecodeItems
-from sepp_ray.train.items import AUGMENTATION, CURATED, ORIGINAL, SEMANTIC, PairsConfig, build_items
+from sepp_ray.storage import filesystem
+from sepp_ray.train.items import (
+    AUGMENTATION,
+    CURATED,
+    GROUPED,
+    SEMANTIC,
+    PairsConfig,
+    groups,
+    plan_items,
+    write_item_table,
+)
 from tests.imagetree import encode, rgb
 
 IDS = [11, 22, 33, 44]
-
-
-def _images() -> pa.Table:
-    return pa.table(
-        {"id": pa.array(IDS, pa.int64()), "image": [encode(rgb(i, 8)) for i in range(4)]}
-    )
 
 
 def _pairs(a: list[int], p: list[int]) -> pa.Table:
     return pa.table({"anchor_id": pa.array(a, pa.int64()), "positive_id": pa.array(p, pa.int64())})
 
 
-def test_dataset_mode_adds_one_item_per_pair_with_the_positive_as_view2() -> None:
-    items, counts = build_items(_images(), _pairs([11, 33], [22, 44]), PairsConfig(mode="dataset"))
-    assert counts == {"original": 4, "semantic": 2, "curated": 0, "augmentation": 0}
-    rows = items.to_pylist()
-    blob = dict(zip(IDS, _images()["image"].to_pylist(), strict=True))
-    orig = [r for r in rows if r["kind"] == ORIGINAL]
-    assert all(r["image"] == r["image2"] == blob[r["item_id"]] for r in orig)
-    sem = [r for r in rows if r["kind"] == SEMANTIC]
-    assert {(r["image"], r["image2"]) for r in sem} == {(blob[11], blob[22]), (blob[33], blob[44])}
-    assert len({r["item_id"] for r in rows}) == 6 and not set(IDS) & {r["item_id"] for r in sem}
-    assert all(r["pos_ids"] == [] for r in rows)
+def test_dataset_mode_plans_one_item_per_pair_with_the_positive_as_image2() -> None:
+    plan = plan_items(_pairs([11, 33], [22, 44]), None, PairsConfig(pairs="x", mode="dataset"))
+    assert plan.counts["semantic"] == 2 and plan.rows == 2 and plan.originals
+    assert plan.a.tolist() == [11, 33] and plan.b.tolist() == [22, 44]
+    assert set(plan.kind.tolist()) == {SEMANTIC} and not set(IDS) & set(plan.item_id.tolist())
+    assert len(plan.exclude) == 0 and plan.pos == [[], []]
 
 
-def test_multi_positive_mode_links_both_directions_without_extra_items() -> None:
-    items, counts = build_items(
-        _images(), _pairs([11, 11], [22, 33]), PairsConfig(mode="multi_positive", max_positives=4)
-    )
-    assert counts["semantic"] == 0 and items.num_rows == 4
-    pos = dict(zip(items["item_id"].to_pylist(), items["pos_ids"].to_pylist(), strict=True))
-    assert pos == {11: [22, 33], 22: [11], 33: [11], 44: []}
+def test_augmentation_pairs_are_the_same_count_of_one_image_twice() -> None:
+    cfg = PairsConfig(pairs="x", mode="dataset", augmentation_pairs=True)
+    plan = plan_items(_pairs([11, 33], [22, 44]), None, cfg)
+    assert plan.counts["augmentation"] == 2 and plan.counts["semantic"] == 0
+    assert plan.b.tolist() == [-1, -1] and set(plan.kind.tolist()) == {AUGMENTATION}
 
 
-def test_augmentation_pairs_baseline_has_the_same_count_of_one_image_twice() -> None:
-    items, counts = build_items(
-        _images(), _pairs([11, 33], [22, 44]), PairsConfig(mode="dataset", augmentation_pairs=True)
-    )
-    assert counts["augmentation"] == 2 and counts["semantic"] == 0
-    ap = [r for r in items.to_pylist() if r["kind"] == AUGMENTATION]
-    assert all(r["image"] == r["image2"] for r in ap) and len(ap) == 2
+def test_grouped_modes_move_pair_images_into_groups_and_out_of_the_originals() -> None:
+    for mode in ("multi_positive", "cancel"):
+        plan = plan_items(_pairs([11, 33], [22, 44]), None, PairsConfig(pairs="x", mode=mode))
+        assert set(plan.kind.tolist()) == {GROUPED}
+        assert plan.exclude.tolist() == IDS  # each image trains once: in its group
+        assert plan.item_id.tolist() == plan.a.tolist()  # grouped rows keep their image id
+        pos = dict(zip(plan.a.tolist(), plan.pos, strict=True))
+        assert pos == {11: [22], 22: [11], 33: [44], 44: [33]}
+        # rows of one group share a group id, different groups differ
+        g = dict(zip(plan.a.tolist(), plan.group.tolist(), strict=True))
+        assert g[11] == g[22] != g[33] == g[44]
 
 
-def test_curated_pairs_alone() -> None:
-    curated = pa.table({"image_a": [11, 22], "image_b": [44, 33]})
-    items, counts = build_items(
-        _images(), None, PairsConfig(mode="none", curated="x", curated_only=True), curated
-    )
-    assert counts == {"original": 0, "semantic": 0, "curated": 2, "augmentation": 0}
-    assert set(items["kind"].to_pylist()) == {CURATED}
+def test_groups_are_disjoint_and_capped() -> None:
+    a = np.array([1, 1, 1, 2, 3], np.int64)
+    p = np.array([2, 3, 4, 3, 5], np.int64)
+    gs = groups(a, p, cap=2, seed=0)
+    flat = [x for g in gs for x in g]
+    assert len(flat) == len(set(flat))  # every image in at most one group
+    assert all(2 <= len(g) <= 3 for g in gs)
 
 
-def test_pairs_naming_absent_ids_are_an_error_with_count_and_examples() -> None:
-    with pytest.raises(SeppError, match=r"name 2 image id\(s\) absent .*\[55, 66\]"):
-        build_items(_images(), _pairs([11, 55], [66, 22]), PairsConfig(mode="dataset"))
+def test_both_mode_has_pair_items_and_groups() -> None:
+    plan = plan_items(_pairs([11], [22]), None, PairsConfig(pairs="x", mode="both"))
+    assert sorted(plan.kind.tolist()) == [SEMANTIC, GROUPED, GROUPED]
 
 
-def test_no_pairs_trains_the_plain_method_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+def test_curated_pairs_with_and_without_originals() -> None:
+    curated = pa.table({"image_a": [11], "image_b": [44]})
+    plan = plan_items(None, curated, PairsConfig(mode="none", curated="c.parquet"))
+    assert plan.kind.tolist() == [CURATED] and plan.originals
+    only = PairsConfig(mode="none", curated="c.parquet", curated_only=True)
+    assert not plan_items(None, curated, only).originals
+    with pytest.raises(SeppError, match="image_a, image_b"):
+        plan_items(None, pa.table({"a": [1]}), PairsConfig(curated="c.parquet"))
+
+
+def test_bad_pair_configs_fail_clearly(caplog: pytest.LogCaptureFixture) -> None:
+    with pytest.raises(SeppError, match="duplicate"):
+        plan_items(_pairs([11, 11], [22, 22]), None, PairsConfig(pairs="x", mode="dataset"))
+    with pytest.raises(SeppError, match="pairs.mode"):
+        PairsConfig(mode="bogus").validate()
+    with pytest.raises(SeppError, match="control of dataset mode"):
+        PairsConfig(pairs="x", mode="multi_positive", augmentation_pairs=True).validate()
     with caplog.at_level(logging.WARNING):
-        items, counts = build_items(_images(), None, PairsConfig(mode="dataset"))
-    assert counts["original"] == 4 and items.num_rows == 4
-    assert "training the plain method" in caplog.text
+        plan = plan_items(None, None, PairsConfig(mode="dataset"))
+    assert plan.rows == 0 and "no pairs were given" in caplog.text
 
 
-def test_bad_pair_config() -> None:
-    with pytest.raises(SeppError, match="pairs.mode must be one of"):
-        PairsConfig(mode="sometimes").validate()
-    with pytest.raises(SeppError, match="curated_only needs"):
-        PairsConfig(curated_only=True).validate()
+def _shards(tmp: Path, n_files: int = 3, per_file: int = 4) -> tuple[list[str], dict[int, bytes]]:
+    blobs: dict[int, bytes] = {}
+    files = []
+    for f in range(n_files):
+        ids = [100 + f * per_file + i for i in range(per_file)]
+        imgs = [encode(rgb(i, 8)) for i in ids]
+        blobs.update(zip(ids, imgs, strict=True))
+        path = tmp / f"part-{f}.parquet"
+        pq.write_table(
+            pa.table(
+                {
+                    "id": pa.array(ids, pa.int64()),
+                    "image": imgs,
+                    "label": pa.array([i % 3 for i in ids], pa.int32()),
+                    "split": ["train"] * per_file,
+                }
+            ),
+            path,
+        )
+        files.append(str(path))
+    return files, blobs
 
 
-def test_decode_builds_fixed_size_arrays_and_padded_positives() -> None:
-    items, _ = build_items(_images(), _pairs([11], [22]), PairsConfig(mode="both", max_positives=2))
-    out = DecodeItems(size=12, max_positives=2)(items)
-    assert out["image"].shape == (5, 12, 12, 3) and out["image"].dtype == np.uint8
-    assert out["pos_ids"].tolist()[:4] == [[22, -1], [11, -1], [-1, -1], [-1, -1]]
-    sem = int(np.flatnonzero(items["kind"].to_numpy() == SEMANTIC)[0])
-    assert not np.array_equal(out["image"][sem], out["image2"][sem])
-    assert np.array_equal(out["image2"][sem], out["image"][1])  # the positive is image 22
+@pytest.mark.usefixtures("ray_cluster")
+def test_item_table_fetches_the_named_images_across_shards(tmp_path: Path) -> None:
+    files, blobs = _shards(tmp_path)
+    pairs = _pairs([100, 104, 111], [108, 101, 100])
+    cfg = PairsConfig(pairs="x", mode="both", max_positives=2)
+    plan = plan_items(pairs, None, cfg)
+    fs, _ = filesystem(files[0])
+    out = write_item_table(plan, files, fs, "train", str(tmp_path / "items"))
+    rows = pa.concat_tables([pq.read_table(f) for f in out]).to_pylist()
+    assert len(rows) == plan.rows
+    for r in rows:
+        i = plan.item_id.tolist().index(r["item_id"])
+        assert r["image"] == blobs[int(plan.a[i])]
+        assert r["image2"] == (blobs[int(plan.b[i])] if plan.b[i] >= 0 else None)
+        assert r["label"] == int(plan.a[i]) % 3 and r["kind"] == plan.kind[i]
+    # the rows of a group are written next to each other
+    order = [r["group"] for r in rows if r["group"] >= 0]
+    runs = [g for k, g in enumerate(order) if k == 0 or g != order[k - 1]]
+    assert len(runs) == len(set(runs))
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_item_table_refuses_pairs_naming_absent_images(tmp_path: Path) -> None:
+    files, _ = _shards(tmp_path)
+    plan = plan_items(_pairs([100], [999]), None, PairsConfig(pairs="x", mode="dataset"))
+    fs, _ = filesystem(files[0])
+    with pytest.raises(SeppError, match="absent from split 'train'"):
+        write_item_table(plan, files, fs, "train", str(tmp_path / "items"))

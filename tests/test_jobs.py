@@ -18,9 +18,8 @@ import yaml
 
 from sepp_ray.cli import COMMANDS, parse_config
 from sepp_ray.eval.command import EvalConfig
-from sepp_ray.pipeline import PipelineConfig
+from sepp_ray.pipeline import PipelineConfig, check_arms
 from sepp_ray.train.driver import PretrainConfig
-from sepp_ray.train.items import PairsConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -71,7 +70,7 @@ def test_stage_config_loads_and_validates(name: str) -> None:
     assert got is spec
     validate_tree(config)
     if isinstance(config, PipelineConfig):  # checked by later stages of a pipeline run
-        PairsConfig(mode=config.pairs_mode).validate()
+        check_arms(config)
         EvalConfig(checkpoints=["c"], dataset="d", out="o", protocols=config.protocols).validate()
     assert all(getattr(config, p) == v for p, v in zip(spec.positionals, positionals, strict=True))
 

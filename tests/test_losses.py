@@ -153,6 +153,42 @@ def test_info_nce_valid_mask_excludes_self() -> None:
     assert got.item() == pytest.approx(want, rel=1e-10)
 
 
+def test_info_nce_cancel_removes_exactly_the_mined_pairs_from_the_negatives() -> None:
+    """False-negative cancellation (arXiv 2011.11765) on 3 images x 2 views, SimCLR form:
+    image 0 mined image 1, image 2 mined images 0 and 2 (itself: its other view stays the
+    positive). The cancelled keys leave the denominator and nothing else changes."""
+    z = torch.randn(6, 3, generator=_gen(30), dtype=torch.float64)
+    ids = torch.tensor([0, 1, 2, 0, 1, 2])
+    mined = torch.tensor([[1, -1], [-1, -1], [0, 2]])  # per image, -1 padded
+    pos, valid = positive_mask(ids, ids), self_mask(6, 6, 0)
+    cancel = positive_mask(ids, ids, mined.repeat(2, 1))
+    got = info_nce_loss(z, z, pos, 0.4, valid, cancel).item()
+
+    mined_of = {0: {1}, 1: set(), 2: {0, 2}}
+    hand_valid = np.zeros((6, 6), dtype=bool)
+    for i in range(6):
+        for j in range(6):
+            is_pos = j != i and int(ids[j]) == int(ids[i])
+            hand_valid[i, j] = j != i and (is_pos or int(ids[j]) not in mined_of[int(ids[i])])
+    assert hand_valid.sum() == 6 * 5 - 2 * 2 - 2 * 2  # views 0 and 2 each drop 2 keys
+    want = _loop_reference(z.numpy(), z.numpy(), pos.numpy(), 0.4, hand_valid)
+    assert got == pytest.approx(want, rel=1e-10)
+
+    plain = info_nce_loss(z, z, pos, 0.4, valid).item()
+    attract = info_nce_loss(z, z, positive_mask(ids, ids, mined.repeat(2, 1)), 0.4, valid)
+    assert len({round(got, 8), round(plain, 8), round(attract.item(), 8)}) == 3
+
+
+def test_positive_mask_without_same_id() -> None:
+    q, k = torch.tensor([3, 7]), torch.tensor([3, 7, 5, -1])
+    pos = torch.tensor([[5, -1], [-1, -1]])
+    assert positive_mask(q, k, pos, same_id=False).tolist() == [
+        [False, False, True, False],
+        [False, False, False, False],
+    ]
+    assert not positive_mask(q, k, same_id=False).any()
+
+
 @pytest.mark.parametrize("temperature", [0.5, 0.1])
 def test_info_nce_one_positive_equals_lightly_ntxent(temperature: float) -> None:
     n = 8

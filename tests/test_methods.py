@@ -15,7 +15,16 @@ from torch import nn
 
 from sepp_ray.data.recipes import RECIPES
 from sepp_ray.errors import SeppError
-from sepp_ray.methods import create_method, list_methods, make_hparams, method_hparams
+from sepp_ray.methods import (
+    PAIR_USES,
+    check_pair_use,
+    create_method,
+    fit_hparams,
+    list_methods,
+    make_hparams,
+    method_class,
+    method_hparams,
+)
 from sepp_ray.methods.base import Method, cosine_momentum, ema_update
 
 # shrink whichever of these fields a method's hyperparameters have
@@ -39,7 +48,8 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-MULTI_POSITIVE = ["simclr", "supcon", "mocov2", "nnclr"]
+ATTRACT = ["simclr", "supcon", "mocov2", "nnclr"]  # pair use "attract" (pos_ids)
+CANCEL = ["simclr", "mocov2", "nnclr"]  # pair use "cancel" (cancel_ids)
 N = 8  # images per batch in the per-step tests
 
 
@@ -60,17 +70,35 @@ def make_views(n: int, seed: int = 0) -> tuple[list[torch.Tensor], torch.Tensor]
     return [v1, v2], torch.arange(n, dtype=torch.long)
 
 
+def labels_for(method: Method, n: int) -> torch.Tensor | None:
+    """Class labels (4 classes, -1 for the last image) for methods that need them, else None."""
+    if not method.needs_labels:
+        return None
+    labels = torch.arange(n) % 4
+    labels[-1] = -1
+    return labels
+
+
+def train_loss(
+    method: Method, views: list[torch.Tensor], ids: torch.Tensor, **kw: Any
+) -> torch.Tensor:
+    """`training_loss`'s loss, with labels for methods that need them."""
+    kw.setdefault("labels", labels_for(method, len(ids)))
+    return method.training_loss(views, ids, **kw)[0]
+
+
 def loss_from(
     method: Method,
     state: dict[str, torch.Tensor],
     views: list[torch.Tensor],
     ids: torch.Tensor,
     pos_ids: torch.Tensor | None,
+    **kw: Any,
 ) -> torch.Tensor:
     """Loss from a fixed state (training_loss mutates queues and DINO's centre)."""
     method.load_state_dict(state)
     with torch.no_grad():
-        return method.training_loss(views, ids, pos_ids)[0]
+        return train_loss(method, views, ids, pos_ids=pos_ids, **kw)
 
 
 def linked_pos_ids(n: int) -> torch.Tensor:
@@ -88,14 +116,17 @@ def test_registry_metadata(name: str) -> None:
     m = tiny(name)
     assert m.name == name
     assert m.default_recipe in RECIPES
-    assert m.supports_multi_positive is (name in MULTI_POSITIVE)
+    assert ("attract" in m.pair_uses) is (name in ATTRACT)
+    assert ("cancel" in m.pair_uses) is (name in CANCEL)
+    assert "none" in m.pair_uses and m.pair_uses <= set(PAIR_USES)
+    assert m.needs_labels is (name == "supcon")
 
 
 @pytest.mark.parametrize("name", list_methods())
 def test_loss_finite_and_grad_reaches_backbone(name: str) -> None:
     m = tiny(name)
     views, ids = make_views(N)
-    loss, metrics = m.training_loss(views, ids)
+    loss, metrics = m.training_loss(views, ids, labels=labels_for(m, N))
     assert loss.dim() == 0 and torch.isfinite(loss)
     assert metrics["loss"] == pytest.approx(loss.item())
     loss.backward()
@@ -113,7 +144,7 @@ def test_loss_falls(name: str) -> None:
     opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-3)
     steps, losses = 30, []
     for step in range(steps):
-        loss, _ = m.training_loss(views, ids, epoch=step // 10)
+        loss = train_loss(m, views, ids, epoch=step // 10)
         opt.zero_grad()
         loss.backward()
         m.on_before_optimizer_step(step // 10)
@@ -129,7 +160,7 @@ def test_momentum_update(name: str) -> None:
     m = tiny(name)
     views, ids = make_views(N)
     opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5)
-    m.training_loss(views, ids)[0].backward()
+    train_loss(m, views, ids).backward()
     opt.step()  # online parameters move away from their targets
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
     m.on_train_step_end(0.0)
@@ -164,26 +195,82 @@ def test_cosine_momentum_and_ema() -> None:
 
 
 @pytest.mark.parametrize("name", list_methods())
-def test_pos_ids_change_loss_only_where_supported(name: str) -> None:
+@pytest.mark.parametrize("use", ["attract", "cancel"])
+def test_mined_ids_change_loss_or_are_refused(name: str, use: str) -> None:
     m = tiny(name)
     views, ids = make_views(N)
-    m.training_loss(views, ids)  # one step fills queues, so they hold ids too
+    train_loss(m, views, ids)  # one step fills queues, so they hold ids too
     state = {k: v.clone() for k, v in m.state_dict().items()}
-    base = loss_from(m, state, views, ids, None)
-    linked = loss_from(m, state, views, ids, linked_pos_ids(N))
-    if m.supports_multi_positive:
-        assert not torch.allclose(base, linked)
-    else:
-        torch.testing.assert_close(base, linked)
+
+    def loss(mined: torch.Tensor | None) -> torch.Tensor:
+        pos, cancel = (mined, None) if use == "attract" else (None, mined)
+        return loss_from(m, state, views, ids, pos, cancel_ids=cancel)
+
+    if use not in m.pair_uses:
+        with pytest.raises(SeppError, match=f"{name}.*cannot use"):
+            loss(linked_pos_ids(N))
+        return
+    base = loss(None)
+    assert not torch.allclose(base, loss(linked_pos_ids(N)))
+    if use == "attract":  # -1 padding alone changes nothing
+        torch.testing.assert_close(base, loss(torch.full((N, 2), -1)))
 
 
-def hand_pos(q_ids: list[int], key_ids: list[int], pos: torch.Tensor | None) -> list[list[bool]]:
-    """Positives by plain loops: same id, or a listed semantic positive; id -1 never matches."""
+@pytest.mark.parametrize("name", list_methods())
+@pytest.mark.parametrize("use", PAIR_USES)
+def test_check_pair_use_names_the_methods_that_can(name: str, use: str) -> None:
+    able = sorted(n for n in list_methods() if use in method_class(n).pair_uses)
+    if use in method_class(name).pair_uses:
+        check_pair_use(name, use)
+        return
+    with pytest.raises(SeppError, match="cannot use") as err:
+        check_pair_use(name, use)
+    assert str(able) in str(err.value) and name in str(err.value)
+
+
+def test_check_pair_use_rejects_unknown_names() -> None:
+    with pytest.raises(SeppError, match="pair use must be one of"):
+        check_pair_use("simclr", "multi_positive")
+    with pytest.raises(SeppError, match="unknown method"):
+        check_pair_use("simclrr", "none")
+
+
+def hand_pos(
+    q_ids: list[int],
+    key_ids: list[int],
+    pos: torch.Tensor | None,
+    same_id: list[bool] | None = None,
+) -> list[list[bool]]:
+    """Positives by plain loops: same id (only for keys j with same_id[j], default all), or a
+    listed id; id -1 never matches."""
     out = []
     for i, qi in enumerate(q_ids):
         extra = set() if pos is None else {int(p) for p in pos[i] if p >= 0}
-        out.append([kj >= 0 and (kj == qi or kj in extra) for kj in key_ids])
+        out.append(
+            [
+                kj >= 0 and ((kj == qi and (same_id is None or same_id[j])) or kj in extra)
+                for j, kj in enumerate(key_ids)
+            ]
+        )
     return out
+
+
+def hand_valid(
+    q_ids: list[int],
+    key_ids: list[int],
+    pos: list[list[bool]],
+    cancel: torch.Tensor | None,
+    valid: list[list[bool]],
+) -> list[list[bool]]:
+    """`valid` less each query's cancelled keys (its own id or a cancel id) that are not its
+    positives: false-negative cancellation by plain loops."""
+    if cancel is None:
+        return valid
+    c = hand_pos(q_ids, key_ids, cancel)
+    return [
+        [valid[i][j] and (pos[i][j] or not c[i][j]) for j in range(len(key_ids))]
+        for i in range(len(q_ids))
+    ]
 
 
 def hand_nce(
@@ -202,25 +289,35 @@ def hand_nce(
     return torch.stack(per_anchor).mean()
 
 
+Mined = torch.Tensor | None
+
+
 def ref_simclr(
-    m: Any, views: list[torch.Tensor], ids: torch.Tensor, pos: torch.Tensor | None
+    m: Any, views: list[torch.Tensor], ids: torch.Tensor, pos: Mined, cancel: Mined, labels: Mined
 ) -> torch.Tensor:
     z = m.projector(m.backbone(torch.cat(views)))
     q_ids = ids.tolist() * 2
-    q_pos = None if pos is None else pos.repeat(2, 1)
     n = len(q_ids)
-    valid = [[i != j for j in range(n)] for i in range(n)]
-    return hand_nce(z, z, hand_pos(q_ids, q_ids, q_pos), valid, m.hp.temperature)
+    p = hand_pos(q_ids, q_ids, None if pos is None else pos.repeat(2, 1))
+    if labels is not None:  # SupCon: the same class is a positive too
+        lab = labels.tolist() * 2
+        p = [[p[i][j] or lab[i] >= 0 and lab[j] == lab[i] for j in range(n)] for i in range(n)]
+    base = [[i != j for j in range(n)] for i in range(n)]
+    valid = hand_valid(q_ids, q_ids, p, None if cancel is None else cancel.repeat(2, 1), base)
+    return hand_nce(z, z, p, valid, m.hp.temperature)
 
 
 def ref_moco(
-    m: Any, views: list[torch.Tensor], ids: torch.Tensor, pos: torch.Tensor | None
+    m: Any, views: list[torch.Tensor], ids: torch.Tensor, pos: Mined, cancel: Mined, labels: Mined
 ) -> torch.Tensor:
     q1, q2 = (m.projector(m.backbone(v)) for v in views)
     k1, k2 = (F.normalize(m.momentum_projector(m.momentum_backbone(v)), dim=1) for v in views)
     key_ids = ids.tolist() + m.queue_ids.tolist()
-    p = hand_pos(ids.tolist(), key_ids, pos)
-    valid = [[kid >= 0 for kid in key_ids] for _ in range(len(ids))]
+    # same id is a positive in the batch; in the queue only with queue_id_positives
+    same = [True] * len(ids) + [m.hp.queue_id_positives] * len(m.queue_ids)
+    p = hand_pos(ids.tolist(), key_ids, pos, same)
+    base = [[kid >= 0 for kid in key_ids] for _ in range(len(ids))]
+    valid = hand_valid(ids.tolist(), key_ids, p, cancel, base)
     t = m.hp.temperature
     l1 = hand_nce(q1, torch.cat([k2, m.queue]), p, valid, t)
     l2 = hand_nce(q2, torch.cat([k1, m.queue]), p, valid, t)
@@ -228,7 +325,7 @@ def ref_moco(
 
 
 def ref_nnclr(
-    m: Any, views: list[torch.Tensor], ids: torch.Tensor, pos: torch.Tensor | None
+    m: Any, views: list[torch.Tensor], ids: torch.Tensor, pos: Mined, cancel: Mined, labels: Mined
 ) -> torch.Tensor:
     z1, z2 = (m.projector(m.backbone(v)) for v in views)
     p1, p2 = m.predictor(z1), m.predictor(z2)
@@ -239,7 +336,8 @@ def ref_nnclr(
         return support[(F.normalize(z, dim=1) @ support.T).argmax(1)]
 
     p = hand_pos(ids.tolist(), ids.tolist(), pos)
-    valid = [[True] * len(ids) for _ in range(len(ids))]
+    base = [[True] * len(ids) for _ in range(len(ids))]
+    valid = hand_valid(ids.tolist(), ids.tolist(), p, cancel, base)
     t = m.hp.temperature
     return (hand_nce(nearest(z1), p2, p, valid, t) + hand_nce(nearest(z2), p1, p, valid, t)) / 2
 
@@ -250,25 +348,103 @@ REFERENCES: dict[str, Callable[..., torch.Tensor]] = {
     "mocov2": ref_moco,
     "nnclr": ref_nnclr,
 }
+MASK_CASES = [
+    pytest.param(name, use, extra, id=f"{name}-{use}{'-queue_id_positives' if extra else ''}")
+    for name in sorted(REFERENCES)
+    for use in PAIR_USES
+    if use in method_class(name).pair_uses
+    for extra in ([{}, {"queue_id_positives": True}] if name == "mocov2" else [{}])
+]
 
 
-@pytest.mark.parametrize("name", MULTI_POSITIVE)
-@pytest.mark.parametrize("with_pos", [False, True])
-def test_multi_positive_matches_hand_built_mask(name: str, with_pos: bool) -> None:
-    m = tiny(name)
+@pytest.mark.parametrize("name,use,extra", MASK_CASES)
+def test_masks_match_hand_built_loss(name: str, use: str, extra: dict[str, Any]) -> None:
+    m = tiny(name, **extra)
     views, ids = make_views(N)
-    if name == "supcon":
-        ids = torch.tensor([0, 1, 0, 2, 1, 3, 3, 0])  # labels: same label, positive
+    labels = torch.tensor([0, 1, 0, 2, 1, 3, 3, -1]) if m.needs_labels else None
     # a first step with other ids fills the queue / support set: ids 0..3 overlap this batch,
-    # so queue entries of the same image count as positives too
-    m.training_loss(make_views(N, seed=3)[0], torch.arange(N) - 4)
+    # so the queue holds older keys of the same images (negatives, positives or cancelled)
+    m.training_loss(make_views(N, seed=3)[0], torch.arange(N) - 4, labels=labels)
     state = {k: v.clone() for k, v in m.state_dict().items()}
-    pos = linked_pos_ids(N) if with_pos else None
-    got = loss_from(m, state, views, ids, pos)
+    mined = linked_pos_ids(N) if use != "none" else None
+    pos, cancel = (mined, None) if use == "attract" else (None, mined)
+    got = loss_from(m, state, views, ids, pos, cancel_ids=cancel, labels=labels)
     m.load_state_dict(state)
     with torch.no_grad():
-        want = REFERENCES[name](m, views, ids, pos)
+        want = REFERENCES[name](m, views, ids, pos, cancel, labels)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_moco_plain_has_one_positive_per_query(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sepp_ray.methods.moco as moco
+
+    seen: list[torch.Tensor] = []
+    real = moco.info_nce_loss
+
+    def spy(q: torch.Tensor, keys: torch.Tensor, pos: torch.Tensor, *a: Any) -> torch.Tensor:
+        seen.append(pos & (a[1] if len(a) > 1 else torch.ones_like(pos)))
+        return real(q, keys, pos, *a)
+
+    monkeypatch.setattr(moco, "info_nce_loss", spy)
+    views, ids = make_views(N)
+    for queue_id_positives, per_query in ((False, 1), (True, 3)):
+        m = tiny("mocov2", queue_id_positives=queue_id_positives)
+        for _ in range(2):  # step 2 finds step 1's two keys of each image in the queue
+            seen.clear()
+            m.training_loss(views, ids)
+        assert all((s.sum(dim=1) == per_query).all() for s in seen), queue_id_positives
+
+
+def test_supcon_positives_are_labels() -> None:
+    m = tiny("supcon")
+    views, ids = make_views(N)
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    a = loss_from(m, state, views, ids, None, labels=torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
+    b = loss_from(m, state, views, ids, None, labels=torch.tensor([0, 1, 2, 3, 0, 1, 2, 3]))
+    assert not torch.allclose(a, b)  # same images, same ids: only the labels differ
+    for bad in (None, torch.full((N,), -1), torch.zeros(N + 1, dtype=torch.long)):
+        with pytest.raises(SeppError, match="supcon"):
+            m.training_loss(views, ids, labels=bad)
+
+
+def test_fit_hparams_caps_queues_at_the_dataset() -> None:
+    assert fit_hparams("mocov2", {}, 1000) == {"queue_size": 1000}
+    assert fit_hparams("mocov2", {"queue_size": 64, "momentum": 0.99}, 1000) == {
+        "queue_size": 64,
+        "momentum": 0.99,
+    }
+    assert fit_hparams("nnclr", {}, 50_000) == {"queue_size": 50_000}
+    assert fit_hparams("simclr", {"temperature": 0.5}, 10) == {"temperature": 0.5}
+    m = create_method("mocov2", backbone="test_resnet", **fit_hparams("mocov2", {}, 100))
+    assert m.queue.shape[0] == 100
+
+
+def test_dino_head_logits_are_fp32_under_autocast() -> None:
+    m = tiny("dino")
+    x = torch.randn(8, m.feat_dim, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = m.head(x)
+        h = m.head.mlp(x)  # the MLP may run in bf16; the last layer must not
+    with torch.no_grad():
+        w = m.head.last_layer.weight.float()  # out_dim x bottleneck, weight-normalised
+        want = F.normalize(h.float(), dim=-1) @ w.T
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_nnclr_neighbour_search_is_fp32_under_autocast() -> None:
+    m = tiny("nnclr")
+    g = torch.Generator().manual_seed(0)
+    m.queue.copy_(F.normalize(torch.randn(m.queue.shape, generator=g), dim=1))
+    m.queue_ids.copy_(torch.arange(m.queue.shape[0]))
+    z = torch.randn(8, m.queue.shape[1], generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = m.support_similarity(z)
+        nn_z = m.nearest_neighbour(z)
+    want = F.normalize(z, dim=1) @ m.queue.T
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(nn_z, m.queue[want.argmax(dim=1)])
 
 
 def test_moco_queue_is_fifo_with_ids() -> None:

@@ -99,10 +99,69 @@ def test_pairs_match_the_numpy_reference(embeddings: str, tmp_path: Path) -> Non
     assert m["workers"][0]["node"]
 
 
+def test_defaults_take_5_percent_anchors_and_every_in_window_image(
+    embeddings: str, tmp_path: Path
+) -> None:
+    """The paper's rule (arXiv 2306.16122): K = 5% seeded anchors, every image in [lo, hi]."""
+    lo, hi = _band(embeddings)
+    m = _mine(embeddings, str(tmp_path / "p"), lo=lo, hi=hi)
+    v, _ = load_embeddings(embeddings)
+    from sepp_ray.mining.anchors import choose_anchors
+
+    anchors = choose_anchors(v.ids, 0.05, 0)
+    assert m["k"] == len(anchors) == round(0.05 * len(v)) == 10
+    assert m["anchor_fraction"] == round(10 / len(v), 6)
+    assert m["m"] is None and m["config"]["k"] == 0.05
+    ref = search_numpy(v.take(np.searchsorted(v.ids, anchors)), v, lo, hi, None)
+    t = read_pairs(str(tmp_path / "p")).to_pydict()
+    assert t["anchor_id"] == ref.anchor_id.tolist()
+    assert t["positive_id"] == ref.positive_id.tolist()
+    per_anchor = np.bincount(np.unique(ref.anchor_id, return_inverse=True)[1])
+    assert per_anchor.max() >= 3  # well past the old cap of one positive per anchor
+    assert m["positives_per_anchor"]["max"] == per_anchor.max()
+    assert m["num_pairs"] == len(ref) and sum(m["similarity_histogram"]["pairs"]) == len(ref)
+    at_lo = next(r for r in m["threshold_curve"] if r["lo"] == round(lo, 4))
+    assert at_lo["pairs"] <= len(ref)  # rows at or above lo count mined pairs only
+
+
+def test_too_many_pairs_is_an_error(embeddings: str, tmp_path: Path) -> None:
+    with pytest.raises(SeppError, match="more than 100 pairs.*max_pairs"):
+        _mine(embeddings, str(tmp_path / "big"), lo=-1.0, hi=0.9999, k=20, max_pairs=100)
+    assert not (tmp_path / "big" / "manifest.json").exists()
+
+
+def test_a_missing_split_is_an_error(images: str, embeddings: str, tmp_path: Path) -> None:
+    cfg = MineConfig(lo=-1.0, hi=0.9999, k=5, m=1)
+    for src, splits, msg in [
+        (images, ["unlabeled"], r"\['unlabeled'\] are not in .*which has \[.*'train'.*\]"),
+        (embeddings, ["test"], r"\['test'\] are not in the embeddings.*\['train'\]"),
+        (embeddings, ["train", "test"], "not in the embeddings"),
+    ]:
+        with pytest.raises(SeppError, match=msg):
+            mine_command(
+                src,
+                str(tmp_path / "o"),
+                ENC,
+                cfg,
+                splits=splits,
+                actors=None,
+                overwrite=False,
+                config={},
+            )
+        assert not (tmp_path / "o").exists()
+
+
+def test_embeddings_of_other_splits_are_an_error(tmp_path: Path) -> None:
+    both = str(tmp_path / "both")
+    _fake_embeddings(both, np.eye(4, dtype=np.float32)[np.arange(20) % 4], ["train", "test"])
+    with pytest.raises(SeppError, match=r"also hold split\(s\) \['test'\]"):
+        _mine(both, str(tmp_path / "o"), k=5)
+
+
 def test_sharded_keys_equal_replicated(embeddings: str, tmp_path: Path) -> None:
     lo, hi = _band(embeddings)
-    _mine(embeddings, str(tmp_path / "rep"), lo=lo, hi=hi, m=3, workers=2)
-    ms = _mine(embeddings, str(tmp_path / "sh"), lo=lo, hi=hi, m=3, shard_keys=3)
+    _mine(embeddings, str(tmp_path / "rep"), lo=lo, hi=hi, k=0.5, workers=2)
+    ms = _mine(embeddings, str(tmp_path / "sh"), lo=lo, hi=hi, k=0.5, shard_keys=3)
     assert len(ms["workers"]) == 3 and {w["keys"] for w in ms["workers"]} != {ms["n"]}
     assert read_pairs(str(tmp_path / "rep")).equals(read_pairs(str(tmp_path / "sh")))
 
@@ -145,7 +204,7 @@ def test_bad_mining_parameters(embeddings: str, tmp_path: Path, kw: dict, messag
     assert not (tmp_path / "bad" / "manifest.json").exists()
 
 
-def _fake_embeddings(uri: str, vecs: np.ndarray) -> None:
+def _fake_embeddings(uri: str, vecs: np.ndarray, splits: list[str] | None = None) -> None:
     loc = begin_write(uri)
     dim = vecs.shape[1] if vecs.ndim == 2 else 4
     t = pa.table(
@@ -168,6 +227,7 @@ def _fake_embeddings(uri: str, vecs: np.ndarray) -> None:
             "encoder": {"identity": "fake"},
             "dataset": {"uri": "x", "classes": []},
             "files": [{"path": "embeddings/a.parquet", "rows": len(vecs)}],
+            "splits": splits or ["train"],
         },
     )
 
@@ -236,6 +296,7 @@ def test_killed_mining_is_not_readable_and_a_rerun_completes(
         "encoder.batch_size=8",
         "mining.lo=-1",
         "mining.k=30",
+        "mining.m=1",
     ]
     proc = subprocess.Popen(
         cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True

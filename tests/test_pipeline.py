@@ -1,19 +1,23 @@
-"""`sepp pipeline` end to end on synthetic data, and its reuse of complete stages."""
+"""`sepp pipeline` end to end on synthetic data: every arm at the plain run's optimizer steps,
+reuse of complete stages; the arms' pairs, the per-arm statistics and the budget as functions."""
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from sepp_ray.config import load
 from sepp_ray.errors import SeppError
-from sepp_ray.pipeline import PipelineConfig, run_pipeline
+from sepp_ray.pipeline import ARMS, PipelineConfig, arm_pairs, run_pipeline, summarize
+from sepp_ray.storage import read_manifest
+from sepp_ray.train.budget import epochs_for, plain_steps, planned_items
 
-pytestmark = pytest.mark.usefixtures("ray_cluster")
 
-
-def test_small_pipeline_then_a_rerun_reuses_every_stage(
+@pytest.mark.usefixtures("ray_cluster")
+def test_every_arm_takes_the_plain_runs_steps_and_a_rerun_reuses_every_stage(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # a relative work folder, as `make run` gives: Ray Train workers do not share the driver's
@@ -24,6 +28,8 @@ def test_small_pipeline_then_a_rerun_reuses_every_stage(
         "work=work",
         "source_options.n=120",
         "source_options.size=16",
+        "arms=[plain,ap,sp]",
+        "seeds=1",
         "bootstrap_epochs=1",  # = pretrain.epochs
         "pretrain.backbone=test_resnet",
         "pretrain.epochs=1",
@@ -35,33 +41,115 @@ def test_small_pipeline_then_a_rerun_reuses_every_stage(
         "mining.lo=-1",
         "mining.hi=0.9999",
         "mining.k=20",
+        "mining.m=1",  # one positive per anchor: 20 pairs
         "protocols=knn",
     ]
     cfg = load(PipelineConfig, None, overrides)
     first = run_pipeline(cfg)
     report = Path(first["report"]).read_text()
-    assert "## Accuracy" in report and "pairs: 20 for 20 of 20 anchors" in report
-    assert set(first["timings"]) == {"data", "bootstrap", "pairs", "baseline", "sepp", "eval"}
+    assert "## Accuracy per arm" in report and "pairs: 20 for 20 of 20 anchors" in report
+    runs = {"plain-seed0", "ap-seed0", "sp-seed0"}
+    assert set(first["timings"]) == {"data", "bootstrap", "pairs", "eval"} | runs
     assert (tmp_path / "work" / "report" / "pairs_grid.png").exists()
-    # the bootstrap run is as long as the baseline and equal to it: trained once, reused
-    assert "baseline" in first["reused"] and first["reused"] == ["baseline"]
+    # the bootstrap run is as long as the plain run and equal to it: trained once, reused
+    assert first["reused"] == ["plain-seed0"]
+    # equal compute: the pair arms have 20 more items, yet take the plain run's steps
+    manifests = {
+        r["arm"]: read_manifest(str(Path(r["checkpoint"]).parent.parent)) for r in first["runs"]
+    }
+    data = read_manifest(next(str(p) for p in (tmp_path / "work").glob("data-*")))
+    budget = plain_steps(data, "train", 32, 1)
+    n = data["splits"]["train"]["total"]
+    assert manifests["sp"]["items"]["semantic"] == manifests["ap"]["items"]["augmentation"] == 20
+    assert (n + 20) // 32 > n // 32  # without the budget, the pair arms would step more
+    for arm, m in manifests.items():
+        assert m["budget_steps"] == budget and m["total_steps"] == budget, arm
+    assert {r["total_steps"] for r in first["runs"]} == {budget}
+    for arm in ("plain", "ap", "sp"):
+        assert f"| {arm} | 1 |" in report and f"| {arm} | 0 |" in report
+    # every run evaluated, on the test split, once
+    assert all(0.0 <= r["knn"] <= 1.0 for r in first["runs"])
     second = run_pipeline(load(PipelineConfig, None, overrides))
     assert sorted(second["reused"]) == sorted(first["timings"])
 
 
 @pytest.mark.parametrize(
-    "override,message",
+    "overrides,message",
     [
-        ("protocols=knn,lineer", "unknown protocol"),
-        ("pairs_mode=doubled", "pairs.mode must be one of"),
-        ("pretrain.method=simclr2", "simclr2"),
-        ("mining.lo=1.5", "lo"),
+        (["protocols=knn,lineer"], "unknown protocol"),
+        (["arms=[plain,sp,spp]"], "unknown arm"),
+        (["arms=[ap,sp]"], "must include plain"),
+        (["arms=[plain,sp,sp]"], "listed twice"),
+        (["arms=[plain,curated]"], "curated=TABLE"),
+        (["seeds=0"], "seeds"),
+        (["pretrain.method=byol", "arms=[plain,cancel]"], "byol"),
+        (["pretrain.method=simclr2"], "simclr2"),
+        (["mining.lo=1.5"], "lo"),
     ],
 )
 def test_bad_settings_fail_before_any_stage_runs(
-    tmp_path: Path, override: str, message: str
+    tmp_path: Path, overrides: list[str], message: str
 ) -> None:
-    cfg = load(PipelineConfig, None, ["source=synthetic", f"work={tmp_path / 'w'}", override])
+    cfg = load(PipelineConfig, None, ["source=synthetic", f"work={tmp_path / 'w'}", *overrides])
     with pytest.raises(SeppError, match=message):
         run_pipeline(cfg)
     assert not (tmp_path / "w").exists()
+
+
+def test_each_arm_uses_the_pairs_its_own_way() -> None:
+    got = {arm: arm_pairs(arm, "P", "C") for arm in ARMS}
+    assert got["plain"].mode == "none" and got["plain"].pairs is None
+    assert (got["ap"].pairs, got["ap"].mode, got["ap"].augmentation_pairs) == ("P", "dataset", True)
+    assert (got["sp"].pairs, got["sp"].mode, got["sp"].augmentation_pairs) == (
+        "P",
+        "dataset",
+        False,
+    )
+    assert (got["multi_positive"].pairs, got["multi_positive"].mode) == ("P", "multi_positive")
+    assert (got["cancel"].pairs, got["cancel"].mode) == ("P", "cancel")
+    assert (got["curated"].pairs, got["curated"].curated) == (None, "C")
+    assert got["curated"].mode == "dataset"
+
+
+def _rows(arm: str, knn: dict[int, float]) -> list[dict[str, Any]]:
+    return [{"arm": arm, "seed": s, "knn": v, "linear": None} for s, v in knn.items()]
+
+
+def test_the_summary_gives_mean_spread_and_the_paired_difference_to_plain() -> None:
+    plain = {0: 0.50, 1: 0.60, 2: 0.70}
+    sp = {0: 0.52, 1: 0.63, 2: 0.71}  # each seed a little above its own plain run
+    ap = {0: 0.60, 1: 0.70}  # seed 2 missing: paired over seeds 0 and 1 only
+    out = summarize(
+        _rows("plain", plain) + _rows("sp", sp) + _rows("ap", ap), ["plain", "sp", "ap"]
+    )
+    knn = out["sp"]["knn"]
+    assert knn["n"] == 3 and knn["mean"] == pytest.approx(statistics.fmean(sp.values()))
+    assert knn["std"] == pytest.approx(statistics.stdev(sp.values()))
+    diff = knn["diff"]
+    assert diff["mean"] == pytest.approx(0.02) and diff["n"] == 3
+    # paired: the spread of the per-seed differences, far below the spread over seeds
+    assert diff["std"] == pytest.approx(statistics.stdev([0.02, 0.03, 0.01]))
+    assert diff["std"] < knn["std"] / 5
+    assert out["ap"]["knn"]["diff"]["mean"] == pytest.approx(0.10)
+    assert out["ap"]["knn"]["diff"]["n"] == 2
+    assert out["plain"]["knn"]["diff"] is None
+    assert out["sp"]["linear"] == {
+        "n": 0,
+        "mean": None,
+        "std": None,
+        "diff": {"n": 0, "mean": None, "std": None},
+    }
+
+
+def test_the_budget_is_the_plain_runs_steps() -> None:
+    data = {"splits": {"train": {"total": 1000}, "val": {"total": 50}}}
+    assert plain_steps(data, "train", 128, 10) == 7 * 10
+    with pytest.raises(SeppError, match="exceeds the 1000 images"):
+        plain_steps(data, "train", 2048, 1)
+    with pytest.raises(SeppError, match="'unlabeled' not in the dataset"):
+        plain_steps(data, "unlabeled", 128, 1)
+    # 500 semantic pairs as items: 11 steps an epoch, so 70 steps are 7 epochs, the last short
+    assert (
+        planned_items(1000, 500, "dataset") == 1500 and planned_items(1000, 500, "cancel") == 1000
+    )
+    assert epochs_for(70, 1500 // 128) == 7 and epochs_for(70, 7) == 10

@@ -76,7 +76,9 @@ def near_threshold_set(seed: int) -> tuple[Vectors, Vectors]:
     return Vectors(ids[np.unique(qrows)], vecs[np.unique(qrows)]), keys
 
 
-def oracle(q: Vectors, k: Vectors, lo: float, hi: float, m: int, dup_eps: float = 1e-4) -> Pairs:
+def oracle(
+    q: Vectors, k: Vectors, lo: float, hi: float, m: int | None, dup_eps: float = 1e-4
+) -> Pairs:
     """Plain loops over the same float32 similarity matrix: the semantics, spelled out."""
     sims = q.vecs @ k.vecs.T
     out: list[tuple[int, int, float, int]] = []
@@ -105,8 +107,8 @@ def assert_same(got: Pairs, ref: Pairs, tol: float = 1e-5) -> None:
     assert got.similarity.dtype == np.float32
 
 
-@pytest.mark.parametrize("m", [1, 3])
-def test_reference_matches_loop_oracle(m: int) -> None:
+@pytest.mark.parametrize("m", [1, 3, None])
+def test_reference_matches_loop_oracle(m: int | None) -> None:
     q, k = near_threshold_set(seed=1)
     assert_same(search_numpy(q, k, LO, HI, m), oracle(q, k, LO, HI, m), tol=0)
 
@@ -130,6 +132,81 @@ def test_exact_backends_equal_reference_clustered(backend: str, opts: dict[str, 
     q = k.take(np.arange(0, 600, 7))
     ref = search_numpy(q, k, 0.97, 0.995, 5)
     assert_same(search(q, k, 0.97, 0.995, 5, backend=backend, **opts), ref)
+
+
+def gap_midpoint(sims: np.ndarray, near: float, width: float = 2e-3) -> float:
+    """The middle of the widest gap between similarities within `width` of `near`: a threshold
+    no similarity sits on, where float rounding of different backends could disagree."""
+    v = np.unique(sims[(sims > near - width) & (sims < near + width)].astype(np.float64))
+    i = int(np.argmax(np.diff(v)))
+    return float((v[i] + v[i + 1]) / 2)
+
+
+def crowded(seed: int = 15) -> tuple[Vectors, Vectors, float, float]:
+    """Few tight clusters: anchors with hundreds of in-window keys, far past any first k."""
+    x = clustered(1500, 16, centers=4, noise=0.06, seed=seed)
+    rng = np.random.default_rng(seed)
+    k = Vectors(rng.permutation(1500).astype(np.int64), x)
+    q = k.take(np.arange(0, 1500, 10))
+    sims = q.vecs @ k.vecs.T
+    return q, k, gap_midpoint(sims, LO), gap_midpoint(sims, 0.995)
+
+
+def test_crowded_reference_matches_loop_oracle() -> None:
+    q, k, lo, hi = crowded()
+    ref = search_numpy(q, k, lo, hi)  # m = None: every in-window key
+    assert_same(ref, oracle(q, k, lo, hi, None), tol=0)
+    per_anchor = np.bincount(np.unique(ref.anchor_id, return_inverse=True)[1])
+    assert per_anchor.max() > 200 and np.median(per_anchor) > 64
+
+
+def assert_same_pairs(got: Pairs, ref: Pairs) -> None:
+    """Same (anchor, positive) set and similarities; rank order may differ only where two
+    similarities are equal to float32 rounding (BLAS kernels sum in different orders)."""
+    assert len(ref) > 0 and len(got) == len(ref)
+    as_dict = {}
+    for name, p in (("got", got), ("ref", ref)):
+        keys = zip(p.anchor_id.tolist(), p.positive_id.tolist(), strict=True)
+        as_dict[name] = dict(zip(keys, p.similarity.tolist(), strict=True))
+    assert as_dict["got"].keys() == as_dict["ref"].keys()
+    diff = [abs(as_dict["got"][key] - s) for key, s in as_dict["ref"].items()]
+    assert max(diff) <= 1e-5
+    np.testing.assert_array_equal(got.anchor_id, ref.anchor_id)  # anchors in input order
+    np.testing.assert_array_equal(got.rank, ref.rank)
+
+
+@pytest.mark.parametrize(("backend", "opts"), EXACT_CASES)
+def test_every_in_window_key_is_returned(backend: str, opts: dict[str, Any]) -> None:
+    q, k, lo, hi = crowded()
+    ref = search_numpy(q, k, lo, hi, None)
+    got = search(q, k, lo, hi, None, backend=backend, **opts)
+    assert_same_pairs(got, ref)
+    assert_same_pairs(search(q, k, lo, hi, backend=backend, **opts), ref)  # None: the default
+    capped = search(q, k, lo, hi, 5, backend=backend, **opts)
+    assert_same_pairs(capped, Pairs(*(getattr(got, c)[got.rank <= 5] for c in got.to_dict())))
+
+
+@pytest.mark.parametrize("backend", available_backends(exact=True))
+def test_merged_key_shards_keep_every_in_window_key(backend: str) -> None:
+    q, k, lo, hi = crowded()
+    shard_of = np.random.default_rng(16).integers(0, 3, len(k))
+    parts = [
+        search(q, k.take(np.flatnonzero(shard_of == s)), lo, hi, backend=backend) for s in range(3)
+    ]
+    merged = merge_shard_results(parts, None, query_ids=q.ids)
+    assert_same_pairs(merged, search_numpy(q, k, lo, hi))
+
+
+@pytest.mark.parametrize("backend", available_backends())
+def test_output_past_the_limit_is_an_error(backend: str) -> None:
+    q, k, lo, hi = crowded()
+    n = len(search_numpy(q, k, lo, hi))
+    assert len(search(q, k, lo, hi, backend=backend, limit=n)) <= n
+    with pytest.raises(SeppError, match=f"more than {n // 3} pairs.*Raise lo"):
+        search(q, k, lo, hi, backend=backend, limit=n // 3)
+    assert len(search(q, k, lo, hi, 2, backend=backend, limit=2 * len(q))) <= 2 * len(q)
+    with pytest.raises(SeppError, match="limit"):
+        search(q, k, lo, hi, backend=backend, limit=-1)
 
 
 def edge_keys(lo: float, hi: float, step: type = F32, dim: int = 8) -> tuple[Vectors, dict]:
@@ -372,3 +449,9 @@ def test_torch_cuda_fp16_matches_reference() -> None:
     a = set(zip(ref.anchor_id.tolist(), ref.positive_id.tolist(), strict=True))
     b = set(zip(gpu.anchor_id.tolist(), gpu.positive_id.tolist(), strict=True))
     assert len(a) > 500 and len(a & b) >= 0.99 * max(len(a), len(b))
+    cq, ck, clo, chi = crowded()  # every in-window key (m = None) on the fp16 path
+    ref_all = search_numpy(cq, ck, clo, chi)
+    gpu_all = search(cq, ck, clo, chi, backend="torch", device="cuda")
+    a = set(zip(ref_all.anchor_id.tolist(), ref_all.positive_id.tolist(), strict=True))
+    b = set(zip(gpu_all.anchor_id.tolist(), gpu_all.positive_id.tolist(), strict=True))
+    assert len(a) > 10_000 and len(a & b) >= 0.99 * max(len(a), len(b))

@@ -1,5 +1,6 @@
 """`sepp sweep` on the session's Ray cluster: a tiny ASHA sweep on synthetic data, a driver
-killed mid-sweep that a rerun restores and completes, and bad search spaces."""
+killed mid-sweep that a rerun restores and completes, and bad search spaces; selection reads
+the validation split only."""
 
 from __future__ import annotations
 
@@ -18,9 +19,8 @@ import pytest
 from sepp_ray.config import load
 from sepp_ray.errors import SeppError
 from sepp_ray.storage import read_manifest
-from sepp_ray.sweep import SweepConfig, run_sweep
-
-pytestmark = pytest.mark.usefixtures("ray_cluster")
+from sepp_ray.sweep import SweepConfig, _check_monitor, run_sweep
+from sepp_ray.sweep_report import ranked
 
 
 def _overrides(out: Path | str, *extra: str) -> list[str]:
@@ -102,6 +102,13 @@ def test_a_tiny_asha_sweep_ranks_stops_caches_and_reports(
     assert rows[1]["checkpoint"].endswith("epoch-00001")
     # the stopped trial's run was aborted, not abandoned: its workers' CPUs are free again
     assert _free_cpus(2.0) == 2.0
+    # ASHA's clock is optimizer steps, every trial's budget is the plain run's, and what it
+    # and the ranking read is the kNN monitor on the val split
+    m = read_manifest(str(out))
+    spe = m["budget_steps"] // 2
+    assert [h["step"] for h in rows[0]["history"]] == [spe, 2 * spe]
+    assert m["scheduler"]["time_attr"] == "step" and m["scheduler"]["split"] == "val"
+    assert read_manifest(rows[0]["out"])["total_steps"] == m["budget_steps"]
     # both trials share one sampler config: mined once
     assert (
         len(glob.glob(str(out / "pairs-*"))) == 1 and rows[0]["pairs_uri"] == rows[1]["pairs_uri"]
@@ -111,11 +118,11 @@ def test_a_tiny_asha_sweep_ranks_stops_caches_and_reports(
         assert row["eval"] == {} and row["top1"] == row["history"][-1]["knn_top1"]
     summary = (out / "summary.md").read_text()
     assert all(f"| {row['trial']} |" in summary for row in rows)
+    assert "read lr on the 'val' split" in summary
     assert "1 stopped early by ASHA" in summary
     for png in ("acc_vs_threshold.png", "acc_vs_k.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "results.json").read_text())["rows"][1]["trial"] == rows[1]["trial"]
-    m = read_manifest(str(out))
     assert m["kind"] == "sweep" and m["restored"] is False
     assert m["scheduler"]["name"] == "ASHA" and m["scheduler"]["grace_period"] == 1
     # Tune's TensorBoard logs, one event file per trial, for the dashboard
@@ -184,7 +191,8 @@ def test_a_driver_killed_mid_sweep_on_object_storage_is_restored_and_completes(
         assert row["checkpoint"].endswith(f"epoch-{row['epochs_run']:05d}")
     # one evaluation of every trial's checkpoint, in one table
     for row in rows:
-        assert 0.0 <= row["eval"]["kNN top-1"] <= 1.0 and row["top1"] == row["eval"]["kNN top-1"]
+        assert 0.0 <= row["eval"]["kNN top-1"] <= 1.0
+        assert row["test_top1"] == row["eval"]["kNN top-1"]
     assert len(found("pairs-*")) == 2
     m = read_manifest(out)
     assert m["restored"] is True and m["stages"]["bootstrap"] == 0.0  # reused after the kill
@@ -201,8 +209,11 @@ def test_a_driver_killed_mid_sweep_on_object_storage_is_restored_and_completes(
         (["space.method=[simclr,byol]", "space.temperature=[0.1]"], "temperature"),
         (["grace_period=5"], "grace_period"),
         (["protocols=[knn,astrology]"], "astrology"),
+        (["pretrain.monitor_split=test"], "select trials on the test split"),
+        (["space.method=[simclr,byol]", "pairs_mode=cancel"], "byol"),
     ],
 )
+@pytest.mark.usefixtures("ray_cluster")
 def test_a_bad_search_space_fails_before_any_trial(
     tmp_path: Path, extra: list[str], message: str
 ) -> None:
@@ -210,3 +221,45 @@ def test_a_bad_search_space_fails_before_any_trial(
     with pytest.raises(SeppError, match=message):
         run_sweep(load(SweepConfig, None, _overrides(out, *extra)))
     assert not out.exists()  # nothing ingested, mined or trained
+
+
+def test_the_ranking_reads_the_selection_metric_never_test() -> None:
+    def row(name: str, val: float | None, test: float) -> dict[str, Any]:
+        return {"trial": name, "selection": val, "test_top1": test}
+
+    rows = [row("a", 0.6, 0.9), row("b", 0.8, 0.1), row("c", None, 1.0), row("d", 0.7, 0.5)]
+    assert [r["trial"] for r in ranked(rows, "max")] == ["b", "d", "a", "c"]
+    assert [r["trial"] for r in ranked(rows, "min")] == ["a", "d", "b", "c"]
+
+
+def test_a_knn_metric_needs_a_labeled_val_split() -> None:
+    c = load(SweepConfig, None, ["out=x"])
+    splits = {"train": {"labeled": 90}, "test": {"labeled": 30}}
+    with pytest.raises(SeppError, match="'val' splits.*val_fraction"):
+        _check_monitor(c, {"splits": splits})
+    with pytest.raises(SeppError, match="'val' splits"):
+        _check_monitor(c, {"splits": {**splits, "val": {"labeled": 0}}})
+    _check_monitor(c, {"splits": {**splits, "val": {"labeled": 5}}})
+
+
+def test_the_monitor_asha_reads_queries_val_images_never_test(
+    tiny: tuple[Path, dict[str, Any]],
+) -> None:
+    import ray
+
+    from sepp_ray.data.dataset import ImageDataset
+    from sepp_ray.train.driver import PretrainConfig, _monitor
+
+    ds = ImageDataset.open(glob.glob(str(tiny[0] / "data-*"))[0])  # the sweep's own data
+    ids = {
+        split: set(ds.read_table(["id"], split=split)["id"].to_pylist())
+        for split in ("train", "val", "test")
+    }
+    assert all(ids.values())
+    cfg = PretrainConfig(dataset=ds.uri, out="x", knn_max_train=50, knn_max_test=1000)
+    sets = _monitor(ds, cfg, 16)
+    assert sets is not None and sets["split"] == "val"
+    query = {int(i) for b in ray.get(sets["query"]) for i in b["id"]}
+    bank = {int(i) for b in ray.get(sets["train"]) for i in b["id"]}
+    assert query == ids["val"]  # every val image, and nothing else: no test id
+    assert bank <= ids["train"] and not (query | bank) & ids["test"]

@@ -131,22 +131,50 @@ def test_nan_loss_raises_before_update() -> None:
     assert all(p.grad is None for p in method.parameters())
 
 
-def step_loss(multi_positive: bool, pos_ids: Tensor | None = None) -> float:
-    trainer = make_trainer(tiny(), multi_positive=multi_positive)
+def step_loss(pair_use: str, pos_ids: Tensor | None = None) -> float:
+    trainer = make_trainer(tiny(), pair_use=pair_use)
     b = batch()
     if pos_ids is not None:
         b["pos_ids"] = pos_ids
     return trainer.train_step(b, 0, 5)["loss"]
 
 
-def test_multi_positive_passes_pos_ids() -> None:
-    plain = step_loss(False)
-    assert step_loss(True) != pytest.approx(plain, rel=1e-4)  # items 0 and 1 linked
+def test_pair_use_passes_pos_ids() -> None:
+    plain = step_loss("none")
+    attract, cancel = step_loss("attract"), step_loss("cancel")  # items 0 and 1 linked
+    assert attract != pytest.approx(plain, rel=1e-4)
+    assert cancel != pytest.approx(plain, rel=1e-4)
+    assert cancel != pytest.approx(attract, rel=1e-4)
     # nothing linked: the same loss as without pos_ids, so the difference came from them
-    assert step_loss(True, torch.full((N, 2), -1)) == pytest.approx(plain, rel=1e-6)
-    trainer = make_trainer(tiny(), multi_positive=True)
+    for use in ("attract", "cancel"):
+        assert step_loss(use, torch.full((N, 2), -1)) == pytest.approx(plain, rel=1e-6)
+    trainer = make_trainer(tiny(), pair_use="attract")
     with pytest.raises(SeppError, match="pos_ids"):
         trainer.train_step({k: v for k, v in batch().items() if k != "pos_ids"}, 0, 0)
+
+
+@pytest.mark.parametrize(
+    "name,use", [("byol", "attract"), ("vicreg", "cancel"), ("supcon", "cancel")]
+)
+def test_trainer_refuses_a_pair_use_the_method_cannot_honour(name: str, use: str) -> None:
+    with pytest.raises(SeppError, match=f"{name}.*cannot use.*simclr"):
+        make_trainer(tiny(name), opt="sgd", pair_use=use)
+    with pytest.raises(SeppError, match="pair_use"):
+        StepConfig(pair_use="multi_positive")
+
+
+def test_labels_reach_supcon() -> None:
+    def loss(labels: Tensor | None) -> float:
+        b = batch()
+        if labels is not None:
+            b["label"] = labels
+        return make_trainer(tiny("supcon")).train_step(b, 0, 5)["loss"]
+
+    a = loss(torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
+    assert a != pytest.approx(loss(torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])), rel=1e-4)
+    for bad in (None, torch.full((N,), -1)):
+        with pytest.raises(SeppError, match="supcon"):
+            loss(bad)
 
 
 def processed(img: Tensor, size: int) -> Tensor:
@@ -281,7 +309,7 @@ def ddp_run(rank: int, world: int) -> tuple[list[float], list[Tensor]]:
     model = DistributedDataParallel(loss_module) if world > 1 else loss_module
     augment = GPUAugment(get_recipe("simclr", SIZE, drop=tuple(OPS)), seed=0)
     optimizer = build_optimizer("lars", method, lr=1.0, weight_decay=1e-4)
-    cfg = StepConfig(multi_positive=True)
+    cfg = StepConfig(pair_use="attract")
     trainer = Trainer(model, method, augment, optimizer, cfg, 10, 1, base_lr=1.0)
     b = ddp_batch(rank, world)
     losses = [trainer.train_step(b, 0, s)["loss"] for s in range(1, 1 + DDP_STEPS)]

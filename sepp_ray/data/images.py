@@ -91,7 +91,9 @@ def process(
     """Decode and validate a payload; return stored bytes or a skip reason.
 
     ``encoding``: "keep" stores original JPEG/PNG bytes untouched when no conversion or resize
-    was needed (lossless and fastest), else PNG; "png" or "jpeg" always re-encode.
+    was needed (lossless and fastest); a resized or converted JPEG is re-encoded as JPEG at
+    ``jpeg_quality`` (a PNG of a photo is several times larger), anything else as PNG; "png" or
+    "jpeg" always re-encode.
     """
     converted: str | None = None
     original_format: str | None = None
@@ -127,7 +129,8 @@ def process(
     if keep:
         data = bytes(payload)  # type: ignore[arg-type]
     else:
-        fmt = "JPEG" if encoding == "jpeg" else "PNG"
+        lossy_source = encoding == "keep" and original_format == "JPEG"
+        fmt = "JPEG" if encoding == "jpeg" or lossy_source else "PNG"
         buf = io.BytesIO()
         if fmt == "JPEG":
             img.save(buf, fmt, quality=jpeg_quality)

@@ -42,8 +42,16 @@ class ImageOptions:
         "keep: store original JPEG/PNG bytes when untouched, else PNG; "
         "png or jpeg: always re-encode",
     )
-    jpeg_quality: int = opt(95, "JPEG quality when encoding=jpeg")
+    jpeg_quality: int = opt(
+        95, "JPEG quality when a JPEG is re-encoded (encoding=jpeg, or keep + resize/convert)"
+    )
     min_size: int = opt(1, "skip images whose shorter side is below this")
+    val_fraction: float = opt(
+        0.05,
+        "share of the train split carved (seeded, by image id) into a 'val' split for model "
+        "selection; 0: none. A source with its own 'val' split needs 0",
+    )
+    seed: int = opt(0, "seed of the shard order, the row order in shards and the val carve")
 
     def validate(self) -> None:
         if self.encoding not in ENCODINGS:
@@ -52,6 +60,19 @@ class ImageOptions:
             raise SeppError(f"resize must be a positive size in pixels, got {self.resize}")
         if not 1 <= self.jpeg_quality <= 100:
             raise SeppError(f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise SeppError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+
+
+def carve_val(ids: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """True where a train image goes to the 'val' split: a seeded hash of its id, so the carve
+    does not depend on shard layout or worker count, and the same seed carves the same images."""
+    if fraction <= 0:
+        return np.zeros(len(ids), bool)
+    mixed = (np.asarray(ids, np.uint64) ^ np.uint64(seed * 0x9E3779B97F4A7C15 % 2**64)) * np.uint64(
+        0xBF58476D1CE4E5B9
+    )
+    return (mixed >> np.uint64(11)).astype(np.float64) / float(2**53) < fraction
 
 
 class IngestShard:
@@ -79,7 +100,8 @@ class IngestShard:
         skipped: list[tuple[str, str]] = []
         converted: Counter[str] = Counter()
         sizes: set[tuple[int, int]] = set()
-        opts = asdict(self.options)
+        opts = {k: v for k, v in asdict(self.options).items() if k not in ("val_fraction", "seed")}
+        own_val = 0
         for item in self.source.read_unit(unit):
             if item.skip is not None:
                 skipped.append((item.origin, item.skip))
@@ -91,11 +113,23 @@ class IngestShard:
             if out.converted_from:
                 converted[out.converted_from] += 1
             sizes.add((out.width, out.height))
+            own_val += item.split == "val"
             ids.append(image_id(item.key))
             images.append(out.data)
             labels.append(item.label)
             splits.append(item.split)
             keys.append(item.key)
+        if ids:
+            # a seeded row order inside the shard, and the val carve (by id: layout-free)
+            id_arr = np.asarray(ids, np.int64)
+            carve = carve_val(id_arr, self.options.val_fraction, self.options.seed)
+            splits = [
+                "val" if c and s == "train" else s for c, s in zip(carve, splits, strict=True)
+            ]
+            perm = np.random.default_rng([self.options.seed, index]).permutation(len(ids))
+            ids, images, labels, splits, keys = (
+                [col[i] for i in perm] for col in (ids, images, labels, splits, keys)
+            )
         rel = ""
         if ids:
             rel = posixpath.join(SHARDS_DIR, f"part-{index:05d}.parquet")
@@ -118,6 +152,7 @@ class IngestShard:
             "skipped": json.dumps(skipped),
             "converted": json.dumps(dict(converted)),
             "sizes": json.dumps(sorted(sizes)),
+            "own_val": own_val,
         }
 
 
@@ -143,6 +178,13 @@ def summarise(
             f"{len(skipped)} items skipped ({dict(reasons) or 'the source is empty'}). "
             "Check the path and format."
         )
+    own_val = sum(int(s.get("own_val", 0)) for s in summaries)
+    if own_val and options.val_fraction > 0:
+        raise SeppError(
+            f"the source has its own 'val' split ({own_val} images) and images.val_fraction="
+            f"{options.val_fraction} would carve another from train: ingest again with "
+            "images.val_fraction=0 to use the source's val split for model selection"
+        )
     uniq, counts = np.unique(ids, return_counts=True)
     if len(uniq) != len(ids):
         raise SeppError(
@@ -158,6 +200,7 @@ def summarise(
             "labeled": int((sel >= 0).sum()),
             "per_class": {k: v for k, v in per_class.items() if v},
         }
+    mixing = _class_mixing(summaries, len(classes))
     ws = [w for w, _ in sizes]
     hs = [h for _, h in sizes]
     reason_counts = Counter(r.split(":")[0] for _, r in skipped)
@@ -172,6 +215,7 @@ def summarise(
             "uniform": len(sizes) == 1,
         },
         "converted": dict(converted),
+        "order": {"seed": options.seed, "shuffled": True, **mixing},
         "skipped": {
             "count": len(skipped),
             "by_reason": dict(reason_counts),
@@ -183,6 +227,29 @@ def summarise(
         "schema": {f.name: str(f.type) for f in IMAGE_SCHEMA},
         "skipped_list": skipped,  # popped by the writer into skipped.json
     }
+
+
+def _class_mixing(summaries: list[dict[str, Any]], n_classes: int) -> dict[str, Any]:
+    """Mean number of distinct classes per shard: training mixes shards, but a dataset whose
+    shards each hold one class mixes only as well as its chunks are interleaved."""
+    per = [
+        len(set(np.frombuffer(s["labels"], dtype=np.int64).tolist()) - {-1})
+        for s in summaries
+        if s["rows"]
+    ]
+    mean = float(np.mean(per)) if per else 0.0
+    return {"classes_per_shard": round(mean, 2), "class_sorted": n_classes > 1 and mean <= 1.0}
+
+
+def _shuffled_units(source: Source, seed: int) -> list[Any]:
+    """The source's units in a seeded order; a source that can mix its items across units
+    (``shuffle(seed)``, e.g. an ImageFolder's file list) does so first, so shards mix classes."""
+    shuffle = getattr(source, "shuffle", None)
+    if callable(shuffle):
+        shuffle(seed)
+    units = source.units()
+    order = np.random.default_rng(seed).permutation(len(units))
+    return [units[i] for i in order]
 
 
 def ingest(
@@ -200,7 +267,13 @@ def ingest(
 
     options = options or ImageOptions()
     options.validate()
-    units = source.units()
+    names = getattr(source, "split_names", None)
+    if callable(names) and "val" in names() and options.val_fraction > 0:
+        raise SeppError(
+            f"{source.describe().get('uri', source.kind)} has its own 'val' split: ingest with "
+            "images.val_fraction=0 to use it for model selection (or rename the folder)"
+        )
+    units = _shuffled_units(source, options.seed)
     if not units:
         raise SeppError(f"source {source.describe()} has nothing to read")
     fingerprint = source.fingerprint()
@@ -226,6 +299,12 @@ def ingest(
         _discard(loc)
         raise
     skipped = manifest.pop("skipped_list")
+    if manifest["order"]["class_sorted"]:
+        log.warning(
+            "every shard of %s holds a single class: the source groups its items by class and "
+            "cannot reorder them; training mixes shards at row-group level only",
+            out_uri,
+        )
     for path, reason in skipped[:50]:
         log.warning("skipped %s: %s", path, reason)
     if len(skipped) > 50:

@@ -4,7 +4,9 @@ Which keys are positives for a query is a boolean mask built from image ids (sol
 `pos_mask`), not a batch position. Two views of one image, mined semantic pairs (SePP, arXiv
 2306.16122), curated pairs and class labels (SupCon, arXiv 2004.11362) are then only different
 masks over the same loss. With one positive per anchor the loss is SimCLR's NT-Xent (arXiv
-2002.05709) or, with a queue as keys, MoCo's InfoNCE (arXiv 1911.05722).
+2002.05709) or, with a queue as keys, MoCo's InfoNCE (arXiv 1911.05722). A third mask, also
+from ids, removes mined positives from the negatives instead of attracting them: false-negative
+cancellation (Huynh et al., WACV 2022, arXiv 2011.11765).
 """
 
 from __future__ import annotations
@@ -15,14 +17,18 @@ from torch import Tensor
 
 
 def positive_mask(
-    query_ids: Tensor, key_ids: Tensor, query_pos_ids: Tensor | None = None
+    query_ids: Tensor,
+    key_ids: Tensor,
+    query_pos_ids: Tensor | None = None,
+    same_id: bool = True,
 ) -> Tensor:
     """Bool N x M: key j is a positive of query i.
 
-    True where `key_ids[j] == query_ids[i]` (another view of the same image) or `key_ids[j]` is
-    one of `query_pos_ids[i]` (N x P semantic positives, -1 padded). Ids are int64 image ids;
-    negative ids mean "none" and never match anything, so padding in `query_pos_ids` and unfilled
-    queue slots in `key_ids` are never positives.
+    True where `key_ids[j] == query_ids[i]` (another view of the same image; only with
+    `same_id`) or `key_ids[j]` is one of `query_pos_ids[i]` (N x P semantic positives, -1
+    padded). Ids are int64 image ids (or class labels, for SupCon); negative ids mean "none" and
+    never match anything, so padding in `query_pos_ids` and unfilled queue slots in `key_ids`
+    are never positives. The same function builds the cancellation mask of `info_nce_loss`.
     """
     if query_ids.dim() != 1 or key_ids.dim() != 1:
         raise ValueError(
@@ -31,7 +37,10 @@ def positive_mask(
         )
     q = query_ids.to(key_ids.device)
     key_ok = key_ids >= 0  # M
-    mask = (q[:, None] == key_ids[None, :]) & key_ok[None, :]  # N x M
+    if same_id:
+        mask = (q[:, None] == key_ids[None, :]) & key_ok[None, :]  # N x M
+    else:
+        mask = torch.zeros(q.shape[0], key_ids.shape[0], dtype=torch.bool, device=key_ids.device)
     if query_pos_ids is not None:
         if query_pos_ids.dim() != 2 or query_pos_ids.shape[0] != q.shape[0]:
             raise ValueError(
@@ -67,6 +76,7 @@ def info_nce_loss(
     pos_mask: Tensor,
     temperature: float,
     valid_mask: Tensor | None = None,
+    cancel_mask: Tensor | None = None,
 ) -> Tensor:
     """Multi-positive InfoNCE, SupCon's L_out form (arXiv 2004.11362, eq. 2).
 
@@ -76,6 +86,12 @@ def info_nce_loss(
     is the mean over those anchors. A key outside `valid_mask` is never a positive, so the
     caller may build `pos_mask` from ids alone and remove self-similarity with `valid_mask`.
     With exactly one positive per anchor this is NT-Xent / InfoNCE.
+
+    `cancel_mask` (N x M, None = none): keys that are neither attracted nor repelled, i.e.
+    removed from the softmax's denominator unless they are positives. This is the "false
+    negative elimination" of Huynh et al. (WACV 2022, arXiv 2011.11765): a mined positive of
+    the anchor stops being a negative without becoming an extra positive (their "attraction"
+    is `pos_mask`).
 
     Math runs in float32 (float64 stays float64) and outside autocast, with logsumexp, so
     bf16/fp16 inputs and small temperatures stay finite. Anchors without a positive are left
@@ -88,8 +104,9 @@ def info_nce_loss(
     n, m = query.shape[0], keys.shape[0]
     if pos_mask.shape != (n, m):
         raise ValueError(f"pos_mask must be {n} x {m}, got {tuple(pos_mask.shape)}")
-    if valid_mask is not None and valid_mask.shape != (n, m):
-        raise ValueError(f"valid_mask must be {n} x {m}, got {tuple(valid_mask.shape)}")
+    for name, mask in (("valid_mask", valid_mask), ("cancel_mask", cancel_mask)):
+        if mask is not None and mask.shape != (n, m):
+            raise ValueError(f"{name} must be {n} x {m}, got {tuple(mask.shape)}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
@@ -101,6 +118,10 @@ def info_nce_loss(
         valid = None if valid_mask is None else valid_mask.to(device=q.device, dtype=torch.bool)
         if valid is not None:
             pos = pos & valid
+        if cancel_mask is not None:
+            # cancelled keys leave the denominator; a positive is never cancelled
+            keep = ~cancel_mask.to(device=q.device, dtype=torch.bool) | pos  # N x M
+            valid = keep if valid is None else valid & keep
         n_pos = pos.sum(dim=1)  # N
         has_pos = n_pos > 0  # N
         if not bool(has_pos.any()):  # the one host sync of this function

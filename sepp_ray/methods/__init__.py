@@ -17,7 +17,7 @@ from sepp_ray.methods import (  # noqa: F401  (importing registers each method)
     supcon,
     vicreg,
 )
-from sepp_ray.methods.base import _METHODS, Method, register_method
+from sepp_ray.methods.base import _METHODS, PAIR_USES, Method, check_pair_use, register_method
 from sepp_ray.models.backbones import create_backbone
 
 
@@ -53,6 +53,20 @@ def make_hparams(name: str, **overrides: Any) -> Any:
         raise SeppError(f"bad hyperparameters for method {name!r}: {e}") from e
 
 
+def fit_hparams(name: str, overrides: dict[str, Any], n_items: int) -> dict[str, Any]:
+    """`overrides` plus whatever method `name` changes to fit a dataset of `n_items` training
+    items per epoch (MoCo's queue and NNCLR's support set never exceed it): what to pass to
+    `create_method`, and to record in a run's manifest."""
+    hp = make_hparams(name, **overrides)
+    fitted = method_class(name).fit_hparams(hp, n_items)
+    changed = {
+        f.name: getattr(fitted, f.name)
+        for f in dataclasses.fields(fitted)
+        if getattr(fitted, f.name) != getattr(hp, f.name)
+    }
+    return {**overrides, **changed}
+
+
 def create_method(
     name: str,
     backbone: str = "resnet18",
@@ -68,8 +82,11 @@ def create_method(
 
 
 __all__ = [
+    "PAIR_USES",
     "Method",
+    "check_pair_use",
     "create_method",
+    "fit_hparams",
     "list_methods",
     "make_hparams",
     "method_class",

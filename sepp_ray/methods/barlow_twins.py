@@ -1,7 +1,7 @@
 """Barlow Twins (Zbontar et al., arXiv 2103.03230): cross-correlation of the views -> identity.
 
-No negatives, so `pos_ids` has nothing to change: Barlow Twins ignores it
-(`supports_multi_positive = False`).
+No negatives, so mined positives have nothing to attract or cancel: Barlow Twins refuses
+`pos_ids` and `cancel_ids` (pair use "none"); it takes semantic pairs as dataset items.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ class BarlowTwins(Method):
 
     default_recipe = "barlow_twins"
     hparams_cls = BarlowTwinsHParams
-    supports_multi_positive = False
 
     def __init__(self, backbone: nn.Module, feat_dim: int, hp: BarlowTwinsHParams) -> None:
         super().__init__(backbone, feat_dim, hp)
@@ -47,9 +46,11 @@ class BarlowTwins(Method):
         ids: torch.Tensor,
         pos_ids: torch.Tensor | None = None,
         epoch: int = 0,
+        *,
+        labels: torch.Tensor | None = None,
+        cancel_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """`pos_ids` is ignored (Barlow Twins has no negatives)."""
-        self._check_views(views, ids)
+        self._check_inputs(views, ids, pos_ids, cancel_ids)
         z1, z2 = (self.projector(self.backbone(v)) for v in views[:2])  # N x D, BN per view
         loss = barlow_twins_loss(z1, z2, self.hp.lambda_offdiag, gather=True)
         return loss, {"loss": loss.item()}

@@ -17,23 +17,42 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from sepp_ray.errors import SeppError
+
+# How a method may use mined pairs given per image as ids (beyond pair items in the dataset,
+# which every method takes): "attract" = extra positives (SePP's multi-positive loss, arXiv
+# 2306.16122), "cancel" = removed from the negatives (false-negative cancellation, Huynh et al.,
+# WACV 2022, arXiv 2011.11765).
+PAIR_USES = ("none", "attract", "cancel")
+_USE_TEXT = {
+    "attract": "mined positives as extra positives (pairs.mode multi_positive or both)",
+    "cancel": "mined positives removed from the negatives (pairs.mode cancel)",
+}
+
 
 class Method(nn.Module):
     """Base SSL method: a backbone plus whatever heads and targets the method needs.
 
-    `training_loss(views, ids, pos_ids, epoch)`:
+    `training_loss(views, ids, pos_ids, epoch, labels=..., cancel_ids=...)`:
       - `views`: augmented batches, each N x C x H x W; views[0] and views[1] are two views of the
         same N images (DINO may pass more: extra local crops).
       - `ids`: N int64 image ids. Positives are defined by ids, not by batch position, so mined
         semantic pairs, curated pairs and labels all use one code path.
-      - `pos_ids`: N x P int64 ids of semantic positives of each image, -1 padded, or None.
-        Only methods with `supports_multi_positive = True` use it; the others ignore it.
+      - `pos_ids`: N x P int64 ids of semantic positives of each image, -1 padded, or None:
+        attracted. Only methods with "attract" in `pair_uses` accept it.
+      - `labels`: N int64 class labels, -1 = unlabeled, or None. Only `needs_labels` methods
+        read them (and refuse None or all -1).
+      - `cancel_ids`: N x C int64 ids, -1 padded, or None: these images and the image itself
+        are removed from the negatives. Only methods with "cancel" in `pair_uses` accept it.
+    A method given a tensor it cannot honour raises SeppError: silently dropping mined pairs
+    would make a SePP run equal its baseline.
     """
 
     name: ClassVar[str] = ""
     default_recipe: ClassVar[str] = "simclr"  # augmentation recipe name (sepp_ray.data)
     hparams_cls: ClassVar[type]
-    supports_multi_positive: ClassVar[bool] = False
+    pair_uses: ClassVar[frozenset[str]] = frozenset({"none"})
+    needs_labels: ClassVar[bool] = False
 
     def __init__(self, backbone: nn.Module, feat_dim: int, hp: Any) -> None:
         super().__init__()
@@ -51,9 +70,18 @@ class Method(nn.Module):
         ids: torch.Tensor,
         pos_ids: torch.Tensor | None = None,
         epoch: int = 0,
+        *,
+        labels: torch.Tensor | None = None,
+        cancel_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Scalar loss to back-propagate and float metrics to log."""
         raise NotImplementedError
+
+    @classmethod
+    def fit_hparams(cls, hp: Any, n_items: int) -> Any:
+        """`hp` adjusted to a dataset of `n_items` training items per epoch (MoCo and NNCLR cap
+        their queues); the default changes nothing."""
+        return hp
 
     def on_train_step_end(self, progress: float) -> None:
         """After the optimiser step; `progress` in [0, 1] over training. EMA updates go here."""
@@ -62,12 +90,47 @@ class Method(nn.Module):
         """After backward, before the optimiser step: a hook to edit gradients (DINO freezes its
         last layer in the first epoch)."""
 
-    @staticmethod
-    def _check_views(views: list[torch.Tensor], ids: torch.Tensor, min_views: int = 2) -> None:
+    def _check_inputs(
+        self,
+        views: list[torch.Tensor],
+        ids: torch.Tensor,
+        pos_ids: torch.Tensor | None = None,
+        cancel_ids: torch.Tensor | None = None,
+        min_views: int = 2,
+    ) -> None:
+        """Shapes, and SeppError for mined pairs this method cannot use (see `pair_uses`)."""
         if len(views) < min_views:
             raise ValueError(f"need at least {min_views} views, got {len(views)}")
-        if ids.shape != (views[0].shape[0],):
-            raise ValueError(f"ids must have shape ({views[0].shape[0]},), got {tuple(ids.shape)}")
+        n = views[0].shape[0]
+        if ids.shape != (n,):
+            raise ValueError(f"ids must have shape ({n},), got {tuple(ids.shape)}")
+        for use, t in (("attract", pos_ids), ("cancel", cancel_ids)):
+            if t is None:
+                continue
+            check_pair_use(type(self), use)
+            if t.dim() != 2 or t.shape[0] != n:
+                raise ValueError(f"the {use} ids must be {n} x P, got {tuple(t.shape)}")
+
+
+def check_pair_use(method: str | type[Method], use: str) -> None:
+    """SeppError unless `method` (a registered name or class) can use mined pairs as `use`
+    (one of PAIR_USES), naming the methods that can."""
+    if use not in PAIR_USES:
+        raise SeppError(f"pair use must be one of {list(PAIR_USES)}, got {use!r}")
+    if isinstance(method, str):
+        if method not in _METHODS:
+            raise SeppError(f"unknown method {method!r}: choose one of {sorted(_METHODS)}")
+        cls = _METHODS[method]
+    else:
+        cls = method
+    if use in cls.pair_uses:
+        return
+    able = sorted(n for n, c in _METHODS.items() if use in c.pair_uses)
+    raise SeppError(
+        f"method {cls.name or cls.__name__!r} cannot use {_USE_TEXT[use]}: it would silently "
+        f"train the plain method. Methods that can: {able}; any method takes pairs as extra "
+        "items (pairs.mode=dataset)"
+    )
 
 
 def momentum_copy(module: nn.Module) -> nn.Module:

@@ -1,7 +1,7 @@
 """BYOL (Grill et al., arXiv 2006.07733): online network predicts an EMA target's projection.
 
-No negatives, so there is nothing for `pos_ids` to change: BYOL ignores it
-(`supports_multi_positive = False`); feed semantic pairs to BYOL as extra views instead.
+No negatives, so mined positives have nothing to attract or cancel: BYOL refuses
+`pos_ids` and `cancel_ids` (pair use "none"); it takes semantic pairs as dataset items.
 """
 
 from __future__ import annotations
@@ -46,7 +46,6 @@ class BYOL(Method):
 
     default_recipe = "byol"
     hparams_cls = BYOLHParams
-    supports_multi_positive = False
 
     def __init__(self, backbone: nn.Module, feat_dim: int, hp: BYOLHParams) -> None:
         super().__init__(backbone, feat_dim, hp)
@@ -62,9 +61,11 @@ class BYOL(Method):
         ids: torch.Tensor,
         pos_ids: torch.Tensor | None = None,
         epoch: int = 0,
+        *,
+        labels: torch.Tensor | None = None,
+        cancel_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """`pos_ids` is ignored (BYOL has no negatives to turn into positives)."""
-        self._check_views(views, ids)
+        self._check_inputs(views, ids, pos_ids, cancel_ids)
         # one pass per view: BN statistics per view, as in the paper's implementation
         p1, p2 = (self.predictor(self.projector(self.backbone(v))) for v in views[:2])  # N x D
         with torch.no_grad():

@@ -1,7 +1,7 @@
 """DINO (Caron et al., arXiv 2104.14294): self-distillation with an EMA teacher and centring.
 
-No negatives, so `pos_ids` has nothing to change: DINO ignores it
-(`supports_multi_positive = False`).
+No negatives, so mined positives have nothing to attract or cancel: DINO refuses
+`pos_ids` and `cancel_ids` (pair use "none"); it takes semantic pairs as dataset items.
 """
 
 from __future__ import annotations
@@ -86,7 +86,6 @@ class DINO(Method):
 
     default_recipe = "dino"
     hparams_cls = DINOHParams
-    supports_multi_positive = False
 
     def __init__(self, backbone: nn.Module, feat_dim: int, hp: DINOHParams) -> None:
         super().__init__(backbone, feat_dim, hp)
@@ -117,9 +116,11 @@ class DINO(Method):
         ids: torch.Tensor,
         pos_ids: torch.Tensor | None = None,
         epoch: int = 0,
+        *,
+        labels: torch.Tensor | None = None,
+        cancel_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """`pos_ids` is ignored (DINO has no negatives)."""
-        self._check_views(views, ids)
+        self._check_inputs(views, ids, pos_ids, cancel_ids)
         student_out = _forward_by_resolution(
             lambda x: self.head(self.backbone(x)), views
         )  # V tensors, N x out_dim

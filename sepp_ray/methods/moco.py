@@ -1,13 +1,17 @@
-"""MoCo-v2 (Chen et al., arXiv 2003.04297; MoCo arXiv 1911.05722) with id-aware queue.
+"""MoCo-v2 (Chen et al., arXiv 2003.04297; MoCo arXiv 1911.05722) with an id-aware queue.
 
-The queue stores keys AND their image ids, so a queue entry of the same image (an older key) or
-of one of the query's semantic positives counts as a positive instead of a false negative; this is
-SePP-CID's contrastive-instance-discrimination form (arXiv 2306.16122).
+The queue stores keys AND their image ids, so positives and cancelled negatives are masks from
+ids over the batch's keys and the queue alike. Plain MoCo has one positive per query, the key of
+its other view; queued keys of the same image are negatives, as in the paper (the option
+`queue_id_positives` makes them positives). A query's semantic positives (`pos_ids`, SePP-CID,
+arXiv 2306.16122) count wherever they are, in the batch or in the queue: that reach beyond the
+batch is what the queue gives SePP. `cancel_ids` remove those images, and older keys of the
+query's own image, from its negatives (Huynh et al., arXiv 2011.11765).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -25,8 +29,12 @@ class MoCoV2HParams:
 
     2-layer MLP head (2048 hidden, ReLU, no BN) to 128-d, temperature 0.2, momentum 0.999,
     queue 65536. On CIFAR use momentum 0.99 and queue 4096 (50k images: a 65536 queue would
-    hold keys many steps stale). `symmetric=True` uses both views as queries (solo-learn's
-    MoCo-v2+; MoCo-v3), which doubles the signal per step; False is the paper's asymmetric loss.
+    hold keys many steps stale); the driver caps the queue at the items of an epoch
+    (`fit_hparams`). `symmetric=True` uses both views as queries (solo-learn's MoCo-v2+;
+    MoCo-v3), which doubles the signal per step; False is the paper's asymmetric loss.
+    `queue_id_positives=True` makes queued keys of the query's own image positives too (older
+    keys of the same image; up to 3 positives per query were measured); False, the default,
+    is MoCo's one positive per query (arXiv 1911.05722, eq. 1).
     """
 
     proj_hidden_dim: int = 2048
@@ -35,6 +43,7 @@ class MoCoV2HParams:
     momentum: float = 0.999
     queue_size: int = 65536
     symmetric: bool = True
+    queue_id_positives: bool = False
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
@@ -50,14 +59,15 @@ class MoCoV2(Method):
     """Query encoder + momentum key encoder + a FIFO queue of (key, id).
 
     Keys for each query: the global batch's keys (its own other view is one; other images' are
-    extra negatives, as in MoCo-v3) then the queue. Positives: same id or a `pos_ids` entry.
+    extra negatives, as in MoCo-v3) then the queue. Positives: the batch key of the same id, a
+    `pos_ids` entry anywhere, and with `queue_id_positives` queued keys of the same id.
     Unfilled queue slots (id -1) are left out of the softmax. No shuffle-BN: use SyncBN or
     per-rank BN, as solo-learn does.
     """
 
     default_recipe = "mocov2"
     hparams_cls = MoCoV2HParams
-    supports_multi_positive = True
+    pair_uses = frozenset({"none", "attract", "cancel"})
 
     queue: torch.Tensor
     queue_ids: torch.Tensor
@@ -78,6 +88,12 @@ class MoCoV2(Method):
     def _keys(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.momentum_projector(self.momentum_backbone(x)), dim=1)  # N x D
 
+    @classmethod
+    def fit_hparams(cls, hp: MoCoV2HParams, n_items: int) -> MoCoV2HParams:
+        """Queue no longer than an epoch's items: a longer one holds older keys of every image
+        of the batch (negatives of themselves, or extra positives with queue_id_positives)."""
+        return replace(hp, queue_size=min(hp.queue_size, max(n_items, 0)))
+
     def _loss(
         self,
         q: torch.Tensor,
@@ -85,12 +101,20 @@ class MoCoV2(Method):
         ids: torch.Tensor,
         ids_global: torch.Tensor,
         pos_ids: torch.Tensor | None,
+        cancel_ids: torch.Tensor | None,
     ) -> torch.Tensor:
         keys = torch.cat([k_global, self.queue])  # (W*N + K) x D
         key_ids = torch.cat([ids_global, self.queue_ids])  # W*N + K
         valid = (key_ids >= 0)[None, :].expand(q.shape[0], -1)  # N x (W*N + K)
-        pos = positive_mask(ids, key_ids, pos_ids)
-        return info_nce_loss(q, keys, pos, self.hp.temperature, valid)
+        pos = torch.cat(
+            [
+                positive_mask(ids, ids_global, pos_ids),  # N x W*N
+                positive_mask(ids, self.queue_ids, pos_ids, self.hp.queue_id_positives),  # N x K
+            ],
+            dim=1,
+        )
+        cancel = None if cancel_ids is None else positive_mask(ids, key_ids, cancel_ids)
+        return info_nce_loss(q, keys, pos, self.hp.temperature, valid, cancel)
 
     @torch.no_grad()
     def _enqueue(self, keys: torch.Tensor, key_ids: torch.Tensor) -> None:
@@ -110,8 +134,11 @@ class MoCoV2(Method):
         ids: torch.Tensor,
         pos_ids: torch.Tensor | None = None,
         epoch: int = 0,
+        *,
+        labels: torch.Tensor | None = None,
+        cancel_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        self._check_views(views, ids)
+        self._check_inputs(views, ids, pos_ids, cancel_ids)
         ids_global = dist.gather(ids)  # W*N
         k1 = dist.gather(self._keys(views[0]))  # W*N x D
         k2 = dist.gather(self._keys(views[1]))
@@ -119,12 +146,12 @@ class MoCoV2(Method):
         if self.hp.symmetric:
             q2 = self.projector(self.backbone(views[1]))
             loss = 0.5 * (
-                self._loss(q1, k2, ids, ids_global, pos_ids)
-                + self._loss(q2, k1, ids, ids_global, pos_ids)
+                self._loss(q1, k2, ids, ids_global, pos_ids, cancel_ids)
+                + self._loss(q2, k1, ids, ids_global, pos_ids, cancel_ids)
             )
             self._enqueue(torch.cat([k1, k2]), ids_global.repeat(2))
         else:
-            loss = self._loss(q1, k2, ids, ids_global, pos_ids)
+            loss = self._loss(q1, k2, ids, ids_global, pos_ids, cancel_ids)
             self._enqueue(k2, ids_global)
         return loss, {"loss": loss.item()}
 

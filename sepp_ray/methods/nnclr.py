@@ -3,11 +3,14 @@ projections replaces the anchor, giving positives beyond augmentation.
 
 Semantic positives (`pos_ids`) add to that: a query's positives among the global batch's
 predictions are the other view of its own image and of every image in its `pos_ids`.
+Cancellation (`cancel_ids`, Huynh et al., arXiv 2011.11765) instead removes those images'
+predictions from the query's negatives: the keys are the batch's predictions as in SimCLR, so
+the same id masks apply; the support set only chooses the query.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +25,8 @@ from sepp_ray.models.heads import prediction_mlp, projection_mlp
 @dataclass
 class NNCLRHParams:
     """NNCLR hyperparameters (paper, sec. 4): 3-layer 2048-d projector to 256 with BN,
-    predictor 256 -> 4096 -> 256, temperature 0.1, support set of 98304 projections."""
+    predictor 256 -> 4096 -> 256, temperature 0.1, support set of 98304 projections (the
+    driver caps it at the items of an epoch, `fit_hparams`)."""
 
     proj_hidden_dim: int = 2048
     proj_output_dim: int = 256
@@ -48,7 +52,7 @@ class NNCLR(Method):
 
     default_recipe = "byol"
     hparams_cls = NNCLRHParams
-    supports_multi_positive = True
+    pair_uses = frozenset({"none", "attract", "cancel"})
 
     queue: torch.Tensor
     queue_ids: torch.Tensor
@@ -64,15 +68,31 @@ class NNCLR(Method):
         self.register_buffer("queue_ids", torch.full((hp.queue_size,), -1, dtype=torch.long))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
+    @classmethod
+    def fit_hparams(cls, hp: NNCLRHParams, n_items: int) -> NNCLRHParams:
+        """Support set no longer than an epoch's items: a longer one holds a stale projection
+        of every image of the batch, its likeliest nearest neighbour."""
+        return replace(hp, queue_size=min(hp.queue_size, max(n_items, 1)))
+
+    @torch.no_grad()
+    def support_similarity(self, z: torch.Tensor) -> torch.Tensor:
+        """N x Q cosine similarity of each row to the support set, in fp32 even under
+        autocast: bf16 rounding (~4e-3) would reorder near neighbours."""
+        dtype = torch.promote_types(z.dtype, torch.float32)  # float64 stays float64
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            z = F.normalize(z.detach().to(dtype), dim=1)  # N x D
+            return z @ self.queue.to(dtype).T  # N x Q
+
     @torch.no_grad()
     def nearest_neighbour(self, z: torch.Tensor) -> torch.Tensor:
-        """Each row's most cosine-similar filled support-set entry (z itself while it is empty)."""
-        z = F.normalize(z.detach(), dim=1)  # N x D
-        sim = z @ self.queue.to(z.dtype).T  # N x Q
+        """Each row's most cosine-similar filled support-set entry (z itself while it is empty),
+        in float32 or wider."""
+        sim = self.support_similarity(z)  # N x Q
         filled = self.queue_ids >= 0  # Q
         sim = sim.masked_fill(~filled[None, :], float("-inf"))
-        nn_z = self.queue[sim.argmax(dim=1)].to(z.dtype)  # N x D
-        return torch.where(filled.any(), nn_z, z)  # no host sync on the emptiness test
+        nn_z = self.queue[sim.argmax(dim=1)].to(sim.dtype)  # N x D
+        own = F.normalize(z.detach().to(sim.dtype), dim=1)
+        return torch.where(filled.any(), nn_z, own)  # no host sync on the emptiness test
 
     @torch.no_grad()
     def _enqueue(self, z: torch.Tensor, z_ids: torch.Tensor) -> None:
@@ -90,17 +110,21 @@ class NNCLR(Method):
         ids: torch.Tensor,
         pos_ids: torch.Tensor | None = None,
         epoch: int = 0,
+        *,
+        labels: torch.Tensor | None = None,
+        cancel_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        self._check_views(views, ids)
+        self._check_inputs(views, ids, pos_ids, cancel_ids)
         z1, z2 = (self.projector(self.backbone(v)) for v in views[:2])  # N x D, BN per view
         p1, p2 = self.predictor(z1), self.predictor(z2)
         nn1, nn2 = self.nearest_neighbour(z1), self.nearest_neighbour(z2)
         ids_global = dist.gather(ids)  # W*N
         pos = positive_mask(ids, ids_global, pos_ids)  # N x W*N
+        cancel = None if cancel_ids is None else positive_mask(ids, ids_global, cancel_ids)
         t = self.hp.temperature
         loss = 0.5 * (
-            info_nce_loss(nn1, dist.gather(p2), pos, t)
-            + info_nce_loss(nn2, dist.gather(p1), pos, t)
+            info_nce_loss(nn1, dist.gather(p2), pos, t, cancel_mask=cancel)
+            + info_nce_loss(nn2, dist.gather(p1), pos, t, cancel_mask=cancel)
         )
         self._enqueue(dist.gather(z1.detach()), ids_global)
         return loss, {"loss": loss.item()}

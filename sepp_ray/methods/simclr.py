@@ -1,4 +1,5 @@
-"""SimCLR (Chen et al., arXiv 2002.05709) with positives from ids (multi-positive, SePP-CID)."""
+"""SimCLR (Chen et al., arXiv 2002.05709) with positives from ids (multi-positive, SePP-CID)
+and false-negative cancellation (Huynh et al., arXiv 2011.11765)."""
 
 from __future__ import annotations
 
@@ -38,30 +39,45 @@ def contrastive_loss(
     ids: torch.Tensor,
     pos_ids: torch.Tensor | None,
     temperature: float,
+    labels: torch.Tensor | None = None,
+    cancel_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """NT-Xent over all views of the global batch; positives = same id or a listed positive.
+    """NT-Xent over all views of the global batch, every mask built from ids.
 
-    z: V*N x D (views stacked view-major), ids: N, pos_ids: N x P or None. Every row is a query
-    against every gathered row but itself.
+    z: V*N x D (views stacked view-major), ids: N. Every row is a query against every gathered
+    row but itself. Positives: keys with the query's id, or one of its `pos_ids` (N x P), or
+    its label (`labels`, N, -1 = none: SupCon, arXiv 2004.11362). `cancel_ids` (N x C): keys of
+    those images leave the query's negatives (false-negative cancellation, arXiv 2011.11765).
     """
     n_views = z.shape[0] // ids.shape[0]
     q_ids = ids.repeat(n_views)  # V*N
-    q_pos = None if pos_ids is None else pos_ids.repeat(n_views, 1)  # V*N x P
     keys = dist.gather(z)  # W*V*N x D
     key_ids = dist.gather(q_ids)  # W*V*N
     valid = self_mask(z.shape[0], keys.shape[0], dist.global_offset(z.shape[0]), z.device)
-    pos = positive_mask(q_ids, key_ids, q_pos)  # V*N x W*V*N
-    return info_nce_loss(z, keys, pos, temperature, valid)
+    pos = positive_mask(q_ids, key_ids, _per_view(pos_ids, n_views))  # V*N x W*V*N
+    if labels is not None:
+        q_labels = labels.repeat(n_views)  # V*N
+        pos |= positive_mask(q_labels, dist.gather(q_labels))
+    cancel = None
+    if cancel_ids is not None:
+        cancel = positive_mask(q_ids, key_ids, _per_view(cancel_ids, n_views))  # V*N x W*V*N
+    return info_nce_loss(z, keys, pos, temperature, valid, cancel)
+
+
+def _per_view(x: torch.Tensor | None, n_views: int) -> torch.Tensor | None:
+    """N x P per-image ids -> V*N x P, one block per view (view-major, as the queries)."""
+    return None if x is None else x.repeat(n_views, 1)
 
 
 @register_method("simclr")
 class SimCLR(Method):
     """Both views of every image in the global batch are keys; a query's positives are the keys
-    with its id (its other view) or one of its semantic positive ids (`pos_ids`)."""
+    with its id (its other view) or one of its semantic positive ids (`pos_ids`, "attract");
+    `cancel_ids` ("cancel") are keys taken out of its negatives."""
 
     default_recipe = "simclr"
     hparams_cls = SimCLRHParams
-    supports_multi_positive = True
+    pair_uses = frozenset({"none", "attract", "cancel"})
 
     def __init__(self, backbone: nn.Module, feat_dim: int, hp: SimCLRHParams) -> None:
         super().__init__(backbone, feat_dim, hp)
@@ -75,9 +91,12 @@ class SimCLR(Method):
         ids: torch.Tensor,
         pos_ids: torch.Tensor | None = None,
         epoch: int = 0,
+        *,
+        labels: torch.Tensor | None = None,
+        cancel_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        self._check_views(views, ids)
+        self._check_inputs(views, ids, pos_ids, cancel_ids)
         # one backbone pass over both views: BN statistics span the whole 2N batch, as in SimCLR
         z = self.projector(self.backbone(torch.cat(views[:2])))  # 2N x D
-        loss = contrastive_loss(z, ids, pos_ids, self.hp.temperature)
+        loss = contrastive_loss(z, ids, pos_ids, self.hp.temperature, cancel_ids=cancel_ids)
         return loss, {"loss": loss.item()}

@@ -1,7 +1,7 @@
 """SimSiam (Chen & He, arXiv 2011.10566): a predictor and a stop-gradient, no target network.
 
-No negatives, so `pos_ids` has nothing to change: SimSiam ignores it
-(`supports_multi_positive = False`).
+No negatives, so mined positives have nothing to attract or cancel: SimSiam refuses
+`pos_ids` and `cancel_ids` (pair use "none"); it takes semantic pairs as dataset items.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ class SimSiam(Method):
 
     default_recipe = "simsiam"
     hparams_cls = SimSiamHParams
-    supports_multi_positive = False
 
     def __init__(self, backbone: nn.Module, feat_dim: int, hp: SimSiamHParams) -> None:
         super().__init__(backbone, feat_dim, hp)
@@ -48,9 +47,11 @@ class SimSiam(Method):
         ids: torch.Tensor,
         pos_ids: torch.Tensor | None = None,
         epoch: int = 0,
+        *,
+        labels: torch.Tensor | None = None,
+        cancel_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """`pos_ids` is ignored (SimSiam has no negatives)."""
-        self._check_views(views, ids)
+        self._check_inputs(views, ids, pos_ids, cancel_ids)
         z1, z2 = (self.projector(self.backbone(v)) for v in views[:2])  # N x D, BN per view
         p1, p2 = self.predictor(z1), self.predictor(z2)
         loss = 0.5 * (

@@ -1,16 +1,20 @@
 """Supervised contrastive learning (Khosla et al., arXiv 2004.11362): the oracle upper bound.
 
-Class labels play the role of ids: the caller passes LABELS in `ids`, so every image of the same
-class is a positive (SupCon's L_out loss). This gives the ceiling that mined semantic positives
-(SePP) approach without labels. `pos_ids` still adds positives, as labels.
+Positives are the images of the anchor's class (SupCon's L_out loss, eq. 2), from the `labels`
+of the batch: the ceiling that mined semantic positives (SePP) approach without labels. Without
+labels SupCon would be SimCLR at another temperature, so it refuses to train.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
+from sepp_ray import dist
+from sepp_ray.errors import SeppError
 from sepp_ray.methods.base import register_method
-from sepp_ray.methods.simclr import SimCLR, SimCLRHParams
+from sepp_ray.methods.simclr import SimCLR, SimCLRHParams, contrastive_loss
 
 
 @dataclass
@@ -22,8 +26,41 @@ class SupConHParams(SimCLRHParams):
 
 @register_method("supcon")
 class SupCon(SimCLR):
-    """SimCLR's model and loss, called as `training_loss(views, ids=labels, ...)`."""
+    """SimCLR's model; a query's positives are the keys of its class.
+
+    An unlabeled image (label -1) keeps its own other view as its one positive, the only key
+    certain to share its class. `pos_ids` ("attract") add positives beyond the labels;
+    cancellation is refused: with labels there is no false negative left to cancel.
+    """
 
     default_recipe = "simclr"
     hparams_cls = SupConHParams
-    supports_multi_positive = True
+    pair_uses = frozenset({"none", "attract"})
+    needs_labels = True
+
+    def training_loss(
+        self,
+        views: list[torch.Tensor],
+        ids: torch.Tensor,
+        pos_ids: torch.Tensor | None = None,
+        epoch: int = 0,
+        *,
+        labels: torch.Tensor | None = None,
+        cancel_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        self._check_inputs(views, ids, pos_ids, cancel_ids)
+        if labels is None or labels.shape != ids.shape:
+            got = None if labels is None else tuple(labels.shape)
+            raise SeppError(
+                f"supcon needs the class label of every image (shape {tuple(ids.shape)}, got "
+                f"{got}): train it on a labelled dataset, or choose a self-supervised method"
+            )
+        # every rank sees the gathered labels, so every rank raises or none does
+        if not bool((dist.gather(labels) >= 0).any()):
+            raise SeppError(
+                "supcon got a batch with no labelled image (every label is -1): train it on a "
+                "labelled dataset, or choose a self-supervised method"
+            )
+        z = self.projector(self.backbone(torch.cat(views[:2])))  # 2N x D
+        loss = contrastive_loss(z, ids, pos_ids, self.hp.temperature, labels=labels)
+        return loss, {"loss": loss.item()}

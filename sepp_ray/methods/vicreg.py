@@ -1,7 +1,7 @@
 """VICReg (Bardes et al., arXiv 2105.04906): variance-invariance-covariance regularisation.
 
-No negatives, so `pos_ids` has nothing to change: VICReg ignores it
-(`supports_multi_positive = False`).
+No negatives, so mined positives have nothing to attract or cancel: VICReg refuses
+`pos_ids` and `cancel_ids` (pair use "none"); it takes semantic pairs as dataset items.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ class VICReg(Method):
 
     default_recipe = "vicreg"
     hparams_cls = VICRegHParams
-    supports_multi_positive = False
 
     def __init__(self, backbone: nn.Module, feat_dim: int, hp: VICRegHParams) -> None:
         super().__init__(backbone, feat_dim, hp)
@@ -49,9 +48,11 @@ class VICReg(Method):
         ids: torch.Tensor,
         pos_ids: torch.Tensor | None = None,
         epoch: int = 0,
+        *,
+        labels: torch.Tensor | None = None,
+        cancel_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """`pos_ids` is ignored (VICReg has no negatives)."""
-        self._check_views(views, ids)
+        self._check_inputs(views, ids, pos_ids, cancel_ids)
         z1, z2 = (self.projector(self.backbone(v)) for v in views[:2])  # N x D, BN per view
         loss = vicreg_loss(
             z1, z2, self.hp.sim_coeff, self.hp.std_coeff, self.hp.cov_coeff, gather=True

@@ -4,12 +4,18 @@ Two distribution modes (arXiv 2306.16122 mines once, offline, so either is a one
 - replicated keys (default): every worker holds all N embeddings and searches its share of the
   anchors; results are concatenated in anchor order;
 - sharded keys (``shard_keys=S``): worker s holds only key shard s and searches every anchor;
-  per-shard top-m lists are merged. For key sets larger than one worker's memory.
+  per-shard results are merged. For key sets larger than one worker's memory.
 Both give the same pairs as one process (same anchors, same tie-break), on any cluster shape.
 
-The search runs once with the lower threshold opened to -1, so each anchor's top-m neighbours
-below ``hi`` are known; the pairs are those at or above ``lo``. The extra candidates cost
-nothing and give the similarity histogram and the precision-versus-threshold curve.
+As in the paper, K = 5% of the images (seeded) are anchors and every image whose similarity to
+an anchor lies in [lo, hi] is a positive (``m`` optionally caps them per anchor). ``max_pairs``
+is a safety cap, not a sampling rule: a window too wide for the encoder (e.g. a randomly
+initialised one, where most similarities crowd near 1) would otherwise yield K x N pairs; it is
+an error, raised while the search runs, that names the fixes.
+
+A second search per anchor, with the lower threshold opened to -1, keeps its
+``NEIGHBOURS`` nearest images below ``hi``: the nearest-neighbour similarity histogram, the
+pair-precision-versus-threshold curve below ``lo``, and the zero-pairs warning read it.
 """
 
 from __future__ import annotations
@@ -26,12 +32,13 @@ from sepp_ray.errors import SeppError
 from sepp_ray.mining.anchors import choose_anchors, validate_thresholds
 from sepp_ray.mining.embed import load_embeddings
 from sepp_ray.mining.report_stats import pair_statistics
-from sepp_ray.mining.search import Pairs, build_searcher, merge_shard_results
+from sepp_ray.mining.search import Pairs, build_searcher, check_limit, merge_shard_results
 from sepp_ray.storage import Location, read_manifest
 
 log = logging.getLogger(__name__)
 PAIRS_DIR = "pairs"
 CANDIDATES_DIR = "candidates"
+NEIGHBOURS = 10  # nearest images below hi kept per anchor for the diagnostics
 
 
 @dataclass(frozen=True)
@@ -40,8 +47,13 @@ class MineConfig:
 
     lo: float = opt(0.96, "lower cosine threshold, inclusive (the papers' 0.96)")
     hi: float = opt(0.99, "upper cosine threshold, inclusive (the papers' 0.99)")
-    k: float = opt(1.0, "anchors: a fraction of the images in (0, 1], or a count > 1")
-    m: int = opt(1, "at most this many positives per anchor, most similar first")
+    k: float = opt(0.05, "anchors: a fraction of the images in (0, 1] (the paper's 5%), or a count")
+    m: int | None = opt(
+        None, "cap on positives per anchor, most similar first; null: all in [lo, hi] (the paper)"
+    )
+    max_pairs: int | None = opt(
+        20_000_000, "safety cap: more pairs is an error (raise lo, lower k or set m); null: off"
+    )
     seed: int = opt(0, "seed of the anchor choice")
     backend: str = opt("auto", "search backend: auto, torch, faiss-flat, faiss-ivf, numpy")
     workers: int | None = opt(None, "search actors (default: one per GPU, else 1)")
@@ -51,8 +63,12 @@ class MineConfig:
 
     def validate(self) -> None:
         validate_thresholds(self.lo, self.hi)
-        if self.m < 1:
-            raise SeppError(f"m={self.m} must be >= 1: the number of positives per anchor")
+        if self.m is not None and self.m < 1:
+            raise SeppError(
+                f"m={self.m} must be >= 1 (the most positives per anchor) or null (all of them)"
+            )
+        if self.max_pairs is not None and self.max_pairs < 1:
+            raise SeppError(f"max_pairs={self.max_pairs} must be >= 1, or null to turn it off")
         if self.shard_keys < 0:
             raise SeppError(f"shard_keys={self.shard_keys} must be >= 0")
         if self.workers is not None and self.workers < 1:
@@ -75,13 +91,9 @@ class SearchWorker:
         self.node = ray.get_runtime_context().get_node_id()
 
     def search(
-        self,
-        anchor_ids: np.ndarray,
-        anchor_vecs: np.ndarray | None,
-        hi: float,
-        m: int,
-        dup_eps: float,
-    ) -> tuple[Pairs, dict[str, Any]]:
+        self, anchor_ids: np.ndarray, anchor_vecs: np.ndarray | None, cfg: MineConfig
+    ) -> tuple[Pairs, Pairs, dict[str, Any]]:
+        """The pairs (in-window, capped by m) and each anchor's nearest images below hi."""
         from sepp_ray.mining.anchors import Vectors
 
         t0 = time.perf_counter()
@@ -90,14 +102,17 @@ class SearchWorker:
             queries = self.keys.take(rows)
         else:
             queries = Vectors(anchor_ids, anchor_vecs)
-        pairs = self.searcher.search(queries, -1.0, hi, m, dup_eps)
+        pairs = self.searcher.search(
+            queries, cfg.lo, cfg.hi, cfg.m, cfg.dup_eps, limit=cfg.max_pairs
+        )
+        near = self.searcher.search(queries, -1.0, cfg.hi, NEIGHBOURS, cfg.dup_eps)
         info = {
             "node": self.node,
             "anchors": int(len(anchor_ids)),
             "keys": int(len(self.keys)),
             "seconds": round(time.perf_counter() - t0, 3),
         }
-        return pairs, info
+        return pairs, near, info
 
 
 def _unwrap(fn: Any) -> Any:
@@ -131,8 +146,13 @@ def _write_pairs(loc: Location, name: str, pairs: Pairs) -> str:
     return rel
 
 
-def run_search(emb_uri: str, cfg: MineConfig) -> tuple[np.ndarray, Pairs, list[dict[str, Any]]]:
-    """Anchors, the candidates (top m below hi, any similarity), and per-worker info."""
+def run_search(
+    emb_uri: str, cfg: MineConfig, splits: list[str] | None = None
+) -> tuple[np.ndarray, Pairs, Pairs, list[dict[str, Any]]]:
+    """Anchors, pairs, each anchor's nearest images below hi, and per-worker info.
+
+    ``splits``: those the caller means to mine; embeddings of other splits are an error.
+    """
     import ray
 
     from sepp_ray.ray_utils import init_ray
@@ -140,6 +160,8 @@ def run_search(emb_uri: str, cfg: MineConfig) -> tuple[np.ndarray, Pairs, list[d
     manifest = read_manifest(emb_uri)
     if manifest.get("kind") != "embeddings":
         raise SeppError(f"{emb_uri} is a {manifest.get('kind')!r} output, not embeddings")
+    if splits is not None:
+        check_embedded_splits(emb_uri, manifest.get("splits"), splits)
     n = int(manifest["num_embeddings"])
     if n == 0:
         raise SeppError(f"{emb_uri} holds no embeddings: the dataset is empty")
@@ -172,9 +194,10 @@ def run_search(emb_uri: str, cfg: MineConfig) -> tuple[np.ndarray, Pairs, list[d
         ]
         anchor_vecs, _ = load_embeddings(emb_uri, ids=anchors)
         vec_ref = ray.put(anchor_vecs.numpy())
-        futures = [w.search.remote(anchors, vec_ref, cfg.hi, cfg.m, cfg.dup_eps) for w in workers]
+        futures = [w.search.remote(anchors, vec_ref, cfg) for w in workers]
         results = _unwrap(lambda: ray.get(futures))
-        cands = merge_shard_results([r[0] for r in results], cfg.m, anchors)
+        pairs = merge_shard_results([r[0] for r in results], cfg.m, anchors)
+        near = merge_shard_results([r[1] for r in results], NEIGHBOURS, anchors)
     else:
         n_workers = min(cfg.workers or max(1, gpus), len(anchors))
         workers = [
@@ -182,15 +205,35 @@ def run_search(emb_uri: str, cfg: MineConfig) -> tuple[np.ndarray, Pairs, list[d
             for _ in range(n_workers)
         ]
         chunks = np.array_split(anchors, n_workers)
-        futures = [
-            w.search.remote(c, None, cfg.hi, cfg.m, cfg.dup_eps)
-            for w, c in zip(workers, chunks, strict=True)
-        ]
+        futures = [w.search.remote(c, None, cfg) for w, c in zip(workers, chunks, strict=True)]
         results = _unwrap(lambda: ray.get(futures))
-        cands = Pairs.concat([r[0] for r in results])
+        pairs = Pairs.concat([r[0] for r in results])
+        near = Pairs.concat([r[1] for r in results])
     for w in workers:
         ray.kill(w)
-    return anchors, cands, [r[1] for r in results]
+    check_limit(len(pairs), cfg.max_pairs)  # each worker held a part; the whole may be over
+    return anchors, pairs, near, [r[2] for r in results]
+
+
+def check_embedded_splits(emb_uri: str, present: list[str] | None, wanted: list[str]) -> None:
+    """The embeddings must hold exactly the splits asked for: a missing one would silently mine
+    another split, an extra one would take positives (and anchors) from it."""
+    if not present:
+        raise SeppError(
+            f"{emb_uri} records no splits: re-embed it with `sepp embed ... splits=[{wanted[0]}]`"
+        )
+    missing = [s for s in wanted if s not in present]
+    if missing:
+        raise SeppError(
+            f"split(s) {missing} are not in the embeddings at {emb_uri}, which hold {present}: "
+            "choose among those splits or embed the ones you want"
+        )
+    extra = [s for s in present if s not in wanted]
+    if extra:
+        raise SeppError(
+            f"the embeddings at {emb_uri} also hold split(s) {extra} (they hold {present}, mining "
+            f"asks for {wanted}): embed only {wanted}, or ask for all of {present}"
+        )
 
 
 def _all_ids(emb_uri: str) -> np.ndarray:
@@ -205,27 +248,30 @@ def _all_ids(emb_uri: str) -> np.ndarray:
     return np.concatenate(parts).astype(np.int64)
 
 
-def accept(cands: Pairs, lo: float) -> Pairs:
-    """Candidates at or above ``lo`` (ranks unchanged: each anchor loses a suffix)."""
-    keep = cands.similarity >= np.float32(lo)
+def below_lo(near: Pairs, lo: float) -> Pairs:
+    """Nearest images under ``lo``: added to the pairs, they extend the threshold curve down."""
+    keep = near.similarity < np.float32(lo)
     return Pairs(
-        cands.anchor_id[keep], cands.positive_id[keep], cands.similarity[keep], cands.rank[keep]
+        near.anchor_id[keep], near.positive_id[keep], near.similarity[keep], near.rank[keep]
     )
 
 
-def mine(emb_uri: str, loc: Location, cfg: MineConfig) -> dict[str, Any]:
+def mine(
+    emb_uri: str, loc: Location, cfg: MineConfig, splits: list[str] | None = None
+) -> dict[str, Any]:
     """Search and write pairs into the claimed location ``loc``; returns the manifest body
     (the caller adds its own fields and writes the manifest)."""
     cfg.validate()
     t0 = time.perf_counter()
-    anchors, cands, workers = run_search(emb_uri, cfg)
+    anchors, pairs, near, workers = run_search(emb_uri, cfg, splits)
     seconds = time.perf_counter() - t0
-    pairs = accept(cands, cfg.lo)
     emb_manifest = read_manifest(emb_uri)
     labels_by_id = _labels(emb_uri)
+    # rank 1 of this union is each anchor's nearest image below hi; at or above lo it is the pairs
+    seen = Pairs.concat([pairs, below_lo(near, cfg.lo)])
     stats = pair_statistics(
         pairs,
-        cands,
+        seen,
         anchors,
         cfg.lo,
         cfg.hi,
@@ -234,8 +280,9 @@ def mine(emb_uri: str, loc: Location, cfg: MineConfig) -> dict[str, Any]:
     )
     files = {
         "pairs": _write_pairs(loc, PAIRS_DIR, pairs),
-        "candidates": _write_pairs(loc, CANDIDATES_DIR, cands),
+        "candidates": _write_pairs(loc, CANDIDATES_DIR, near),
     }
+    per_anchor = np.bincount(np.unique(pairs.anchor_id, return_inverse=True)[1])
     body: dict[str, Any] = {
         "kind": "pairs",
         "config": asdict(cfg),
@@ -244,17 +291,27 @@ def mine(emb_uri: str, loc: Location, cfg: MineConfig) -> dict[str, Any]:
         "dataset": emb_manifest["dataset"],
         "n": int(emb_manifest["num_embeddings"]),
         "k": int(len(anchors)),
+        "anchor_fraction": round(len(anchors) / int(emb_manifest["num_embeddings"]), 6),
         "lo": cfg.lo,
         "hi": cfg.hi,
+        "m": cfg.m,
+        "max_pairs": cfg.max_pairs,
+        "splits": emb_manifest.get("splits"),
         "num_pairs": int(len(pairs)),
-        "anchors_with_positive": int(len(np.unique(pairs.anchor_id))),
+        "anchors_with_positive": int(len(per_anchor)),
+        "positives_per_anchor": {
+            "mean": round(len(pairs) / len(anchors), 4),
+            "max": int(per_anchor.max(initial=0)),
+            "note": "over all anchors; m caps it when set, else every image in [lo, hi]",
+        },
+        "candidates_per_anchor": NEIGHBOURS,
         **stats,
         "files": files,
         "workers": workers,
         "search_seconds": round(seconds, 3),
     }
     if len(pairs) == 0:
-        best = float(cands.similarity.max()) if len(cands) else float("nan")
+        best = float(near.similarity.max()) if len(near) else float("nan")
         body["warning"] = (
             f"no pair found with similarity in [{cfg.lo}, {cfg.hi}]: the most similar "
             f"neighbour below hi has similarity {best:.4f}. Relax the lower threshold "

@@ -7,8 +7,15 @@ shared by every backend and defined by the numpy reference (`search_numpy`):
 - a key is a candidate for an anchor when lo <= sim <= hi (both inclusive, thresholds rounded to
   float32 and compared in float32), its id differs from the anchor's, and it is not an exact
   duplicate (sim >= 1 - dup_eps is excluded even when hi = 1);
-- each anchor keeps at most m candidates, most similar first, ties broken by smaller key id;
-- output rows are ordered by (anchor position in the input, rank), rank starting at 1.
+- each anchor keeps every candidate (m = None, the paper's rule) or at most m of them, most
+  similar first, ties broken by smaller key id;
+- output rows are ordered by (anchor position in the input, rank), rank starting at 1;
+- `limit` (None: off) bounds the output: a search that would return more pairs is a SeppError,
+  raised while the search runs, so a window too wide for the encoder cannot exhaust memory.
+
+Top-k machinery (torch blocks, faiss) cannot see past its k, so with m = None the torch backend
+keeps every in-window entry of each similarity block and faiss doubles k until the k-th
+similarity falls below lo: no in-window key is missed however many there are.
 
 Similarities are float32 dot products (fp16 inputs with fp32 accumulation and output on CUDA),
 never bf16: its spacing near 1.0 (2^-8) is coarser than the gap between the thresholds.
@@ -97,9 +104,9 @@ class Window:
 
 
 def select_top(
-    query_ids: np.ndarray, qpos: np.ndarray, sims: np.ndarray, key_ids: np.ndarray, m: int
+    query_ids: np.ndarray, qpos: np.ndarray, sims: np.ndarray, key_ids: np.ndarray, m: int | None
 ) -> Pairs:
-    """Exact per-anchor top m by (sim desc, key id asc) among candidates; -inf marks none.
+    """Exact per-anchor top m (all when m is None) by (sim desc, key id asc); -inf marks none.
 
     Backends only need to hand in a superset of each anchor's true top m (ties included).
     """
@@ -112,11 +119,13 @@ def select_top(
     first[1:] = qpos[1:] != qpos[:-1]
     starts = np.maximum.accumulate(np.where(first, np.arange(n), 0))
     rank = np.arange(n) - starts + 1
-    keep = rank <= m
+    keep = rank <= m if m is not None else np.ones(n, dtype=bool)
     return Pairs(query_ids[qpos[keep]], key_ids[keep], sims[keep], rank[keep])
 
 
-def merge_shard_results(results: list[Pairs], m: int, query_ids: np.ndarray | None = None) -> Pairs:
+def merge_shard_results(
+    results: list[Pairs], m: int | None, query_ids: np.ndarray | None = None
+) -> Pairs:
     """Merge searches of disjoint key shards run with the same anchors: equals one search of
     the union (each shard keeps its own top m, so the global top m is among them).
 
@@ -157,9 +166,23 @@ def _columns(parts: Sequence[tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
     return tuple(np.concatenate(col) for col in zip(*parts, strict=True))
 
 
-def _check_m(m: int) -> None:
+def _check_m(m: int | None) -> None:
+    if m is None:
+        return
     if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1:
-        raise SeppError(f"m={m!r} must be a positive int: the number of positives per anchor")
+        raise SeppError(
+            f"m={m!r} must be a positive int (the most positives per anchor) or None (all)"
+        )
+
+
+def check_limit(count: int, limit: int | None) -> None:
+    """Refuse a search whose output passed ``limit`` pairs (None: no limit)."""
+    if limit is not None and count > limit:
+        raise SeppError(
+            f"the search returns more than {limit} pairs ({count} so far): the window [lo, hi] "
+            "is too wide for this encoder. Raise lo, lower K, cap positives per anchor with m, "
+            "or raise max_pairs"
+        )
 
 
 class KeySearcher(ABC):
@@ -177,13 +200,16 @@ class KeySearcher(ABC):
         queries: Vectors,
         lo: float,
         hi: float,
-        m: int = 1,
+        m: int | None = None,
         dup_eps: float = DEFAULT_DUP_EPS,
         validate: bool = True,
+        limit: int | None = None,
     ) -> Pairs:
         """Pairs for `queries` (anchors) against the prepared keys; see the module doc."""
         win = Window.make(lo, hi, dup_eps)
         _check_m(m)
+        if limit is not None and (isinstance(limit, bool) or limit < 0):
+            raise SeppError(f"limit={limit!r} must be a count >= 0 or None (no limit)")
         if validate:
             queries = validate_vectors(queries, "query")
         if queries.dim != self.keys.dim:
@@ -191,10 +217,16 @@ class KeySearcher(ABC):
                 f"query dim {queries.dim} != key dim {self.keys.dim}: embed both with one encoder"
             )
         self_pos = _positions(queries.ids, self.keys.ids, self._sorter)
-        return self._search(queries, self_pos, win, m)
+        pairs = self._search(queries, self_pos, win, m, limit)
+        check_limit(len(pairs), limit)
+        return pairs
 
     @abstractmethod
-    def _search(self, q: Vectors, self_pos: np.ndarray, win: Window, m: int) -> Pairs: ...
+    def _search(
+        self, q: Vectors, self_pos: np.ndarray, win: Window, m: int | None, limit: int | None
+    ) -> Pairs:
+        """Candidates per anchor (all, or a superset of the top m); calls `check_limit` on the
+        running count so an oversized output fails before it is held in full."""
 
 
 _BACKENDS: dict[str, type[KeySearcher]] = {}
@@ -236,18 +268,25 @@ def search(
     keys: Vectors,
     lo: float = 0.96,
     hi: float = 0.99,
-    m: int = 1,
+    m: int | None = None,
     backend: str = "auto",
     *,
     dup_eps: float = DEFAULT_DUP_EPS,
+    limit: int | None = None,
     **options: Any,
 ) -> Pairs:
     """One-shot search: prepare `keys` with `backend`, then search `queries` against them."""
-    return build_searcher(keys, backend, **options).search(queries, lo, hi, m, dup_eps)
+    searcher = build_searcher(keys, backend, **options)
+    return searcher.search(queries, lo, hi, m, dup_eps, limit=limit)
 
 
 def search_numpy(
-    queries: Vectors, keys: Vectors, lo: float = 0.96, hi: float = 0.99, m: int = 1, **kw: Any
+    queries: Vectors,
+    keys: Vectors,
+    lo: float = 0.96,
+    hi: float = 0.99,
+    m: int | None = None,
+    **kw: Any,
 ) -> Pairs:
     """The reference every backend must match."""
     return search(queries, keys, lo, hi, m, backend="numpy", **kw)
@@ -261,22 +300,28 @@ class NumpySearcher(KeySearcher):
         super().__init__(keys, validate)
         self.chunk_bytes = chunk_bytes
 
-    def _search(self, q: Vectors, self_pos: np.ndarray, win: Window, m: int) -> Pairs:
+    def _search(
+        self, q: Vectors, self_pos: np.ndarray, win: Window, m: int | None, limit: int | None
+    ) -> Pairs:
         keys, qv = self.keys.numpy(), q.numpy()
         n = keys.shape[0]
         rows = max(1, self.chunk_bytes // (4 * n))
         out: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        found = 0
         for s in range(0, qv.shape[0], rows):
             sims = qv[s : s + rows] @ keys.T  # [r, N] float32
             valid = (sims >= np.float32(win.lo)) & (sims <= np.float32(win.upper))
             sp = self_pos[s : s + rows]
             valid[np.flatnonzero(sp >= 0), sp[sp >= 0]] = False
-            if n > m:  # keep each row's m best (and anything tied with the m-th)
+            if m is not None and n > m:  # keep each row's m best (and ties with the m-th)
                 masked = np.where(valid, sims, np.float32(-np.inf))
                 kth = np.partition(masked, n - m, axis=1)[:, n - m]  # [r] m-th largest
                 valid &= masked >= kth[:, None]
             r, c = np.nonzero(valid)
             out.append((r + s, sims[r, c], c))
+            per_row = valid.sum(1)  # [r] candidates per anchor, ties with the m-th included
+            found += int(per_row.sum() if m is None else np.minimum(per_row, m).sum())
+            check_limit(found, limit)
         qpos, sims, cols = _columns(out)
         return select_top(q.ids, qpos, sims, self.keys.ids[cols], m)
 

@@ -1,6 +1,7 @@
 """FAISS backends of the pair search: exact IndexFlatIP and approximate IndexIVFFlat, on the GPU
 when faiss has GPU support and CUDA is present. Semantics are those of `search` (its module
-doc); faiss returns plain top-k, so k doubles per anchor until the window is settled.
+doc); faiss returns plain top-k, so k doubles per anchor until the window is settled: with
+m = None (every in-window key) until the k-th similarity falls below lo.
 """
 
 from __future__ import annotations
@@ -18,14 +19,15 @@ from sepp_ray.mining.search import (
     Pairs,
     Window,
     _columns,
+    check_limit,
     register_backend,
     select_top,
 )
 
 
 class _FaissSearcher(KeySearcher):
-    """Shared loop for faiss indexes, which return plain top k: k doubles per anchor until it
-    holds m in-range keys strictly above its k-th similarity, or the k-th is below lo."""
+    """Shared loop for faiss indexes, which return plain top k: k doubles per anchor until its
+    k-th similarity is below lo, or (with a cap m) it holds m in-range keys strictly above it."""
 
     GPU_MAX_K = 2048  # faiss GPU selection limit; past it, the CPU index finishes the anchors
     result_budget = 1 << 24  # result entries (rows x k) per faiss call
@@ -50,10 +52,13 @@ class _FaissSearcher(KeySearcher):
     def _configure(self, index: Any) -> None:
         """Per-index search settings (nprobe for IVF)."""
 
-    def _search(self, q: Vectors, self_pos: np.ndarray, win: Window, m: int) -> Pairs:
+    def _search(
+        self, q: Vectors, self_pos: np.ndarray, win: Window, m: int | None, limit: int | None
+    ) -> Pairs:
         qv, n = np.ascontiguousarray(q.numpy()), len(self.keys)
         out: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        pending, k, level = np.arange(len(q)), min(n, max(2 * m, m + 8)), 0
+        start = 32 if m is None else max(2 * m, m + 8)
+        pending, k, level = np.arange(len(q)), min(n, start), 0
         while pending.size:
             index, cap = self.indexes[level]
             if cap is not None and k > cap:
@@ -67,6 +72,8 @@ class _FaissSearcher(KeySearcher):
                 ]
             )
             pending, k = pending[~done], min(n, 2 * k)
+            if m is None:  # with a cap the output is at most m per anchor, checked at the end
+                check_limit(sum(len(o[0]) for o in out), limit)
         if not out:
             return Pairs.empty()
         qpos, sims, cols = _columns(out)
@@ -80,18 +87,21 @@ class _FaissSearcher(KeySearcher):
         self_pos: np.ndarray,
         k: int,
         win: Window,
-        m: int,
+        m: int | None,
         out: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
     ) -> np.ndarray:
         """Search `rows` with k; append candidates of finished rows to `out`, return done."""
         sims, pos = index.search(qv[rows], k)  # [p, k] descending similarity
         valid = (pos >= 0) & (sims >= win.lo) & (sims <= win.upper)
         valid &= pos != self_pos[rows][:, None]
-        mth = sims[np.arange(rows.size), np.argmax(valid.cumsum(1) >= m, axis=1)]  # [p]
         last = sims[:, -1]
         exhausted = (pos[:, -1] < 0) | (k >= len(self.keys))
-        # complete once every key tied with or above the m-th in-range one was returned
-        done = exhausted | (last < win.lo) | ((valid.sum(1) >= m) & (mth > last))
+        # complete once every in-window key was returned (the k-th is below lo), or with a cap
+        # once every key tied with or above the m-th in-range one was
+        done = exhausted | (last < win.lo)
+        if m is not None:
+            mth = sims[np.arange(rows.size), np.argmax(valid.cumsum(1) >= m, axis=1)]  # [p]
+            done |= (valid.sum(1) >= m) & (mth > last)
         r, c = np.nonzero(valid & done[:, None])
         out.append((rows[r], sims[r, c], pos[r, c]))
         return done

@@ -1,6 +1,6 @@
 """The torch backend of the pair search: exact similarity blocks (fp32, or fp16 inputs with fp32
-accumulation on CUDA; never bf16, never TF32) and a per-block top-k, on the keys' device.
-Semantics are those of `search` (its module doc).
+accumulation on CUDA; never bf16, never TF32) and, per block, every in-window entry (m = None)
+or a top-k (a cap m), on the keys' device. Semantics are those of `search` (its module doc).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from sepp_ray.mining.search import (
     Pairs,
     Window,
     _columns,
+    check_limit,
     register_backend,
     select_top,
 )
@@ -80,6 +81,19 @@ def _to_device(x: Any, device: torch.device, dtype: torch.dtype, rows: int = 655
     for s in range(0, t.shape[0], rows):
         out[s : s + rows] = t[s : s + rows].to(device).to(dtype)
     return out
+
+
+def _block_all(
+    sims: torch.Tensor, self_col: torch.Tensor, win: Window
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every in-window entry of one [r, c] similarity block, the anchor itself excluded: a range
+    search, so no in-window key is lost to a fixed k. Returns (row, similarity, column)."""
+    c = sims.shape[1]
+    ok = (sims >= win.lo) & (sims <= win.upper)  # [r, c]
+    mine = torch.nonzero((self_col >= 0) & (self_col < c)).squeeze(1)  # rows whose anchor is here
+    ok[mine, self_col[mine]] = False
+    r, cc = torch.nonzero(ok).unbind(1)
+    return r, sims[r, cc], cc
 
 
 def _block_top(
@@ -157,11 +171,15 @@ class TorchSearcher(KeySearcher):
             return self._resident[s:e]
         return _to_device(self.keys.vecs[s:e], self.device, self.dtype)
 
-    def _search(self, q: Vectors, self_pos: np.ndarray, win: Window, m: int) -> Pairs:
+    def _search(
+        self, q: Vectors, self_pos: np.ndarray, win: Window, m: int | None, limit: int | None
+    ) -> Pairs:
         dev, n, nq = self.device, len(self.keys), len(q)
         qv = _to_device(q.vecs, dev, self.dtype)  # [Q, D]
         qself = torch.from_numpy(self_pos).to(dev)  # [Q] key position of the anchor, -1 none
         starts = list(range(0, n, self.key_chunk))
+        if m is None:
+            return self._search_all(q, qv, qself, starts, win, limit)
         cand_v = torch.full((nq, len(starts) * m), -math.inf, device=dev)  # [Q, blocks*m]
         cand_i = torch.zeros((nq, len(starts) * m), dtype=torch.int64, device=dev)
         extras: list[tuple[torch.Tensor, ...]] = []
@@ -181,3 +199,29 @@ class TorchSearcher(KeySearcher):
         parts = [tuple(t.cpu().numpy() for t in tup) for tup in [found, *extras]]
         qpos, sim, key_pos = _columns(parts)
         return select_top(q.ids, qpos, sim, self.keys.ids[key_pos], m)
+
+    def _search_all(
+        self,
+        q: Vectors,
+        qv: torch.Tensor,
+        qself: torch.Tensor,
+        starts: list[int],
+        win: Window,
+        limit: int | None,
+    ) -> Pairs:
+        """Every in-window key of every anchor, block by block (host copy per block)."""
+        parts: list[tuple[np.ndarray, ...]] = []
+        found = 0
+        with _exact_matmul(self.device), torch.inference_mode():
+            for s in starts:
+                kb = self._key_block(s, s + self.key_chunk)  # [c, D]
+                for r in range(0, len(q), self.query_chunk):
+                    rq = slice(r, r + self.query_chunk)
+                    sims = similarity_block(qv[rq], kb)  # [r, c] fp32
+                    rows, vals, cols = _block_all(sims, qself[rq] - s, win)
+                    part = ((rows + r).cpu(), vals.cpu(), (cols + s).cpu())
+                    parts.append(tuple(t.numpy() for t in part))
+                    found += len(part[0])
+                    check_limit(found, limit)
+        qpos, sim, key_pos = _columns(parts)
+        return select_top(q.ids, qpos, sim, self.keys.ids[key_pos], None)

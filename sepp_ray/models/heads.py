@@ -89,5 +89,9 @@ class DINOHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: N x in_dim -> N x out_dim logits (before temperature)
-        x = F.normalize(self.mlp(x), dim=-1)
-        return self.last_layer(x)
+        x = self.mlp(x)
+        # fp32 even under autocast: the loss divides these logits by a 0.04 teacher temperature,
+        # which turns bf16 rounding (~6e-3 here) into a 25x larger softmax input error
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = F.normalize(x.to(torch.promote_types(x.dtype, torch.float32)), dim=-1)
+            return self.last_layer(x)

@@ -1,9 +1,11 @@
 """`sepp pretrain`: SSL pretraining with semantic positive pairs on Ray Train.
 
 The driver checks everything it can before taking cluster resources (method, hyperparameters,
-pairs against the dataset, batch size), builds the training items, decodes them once with Ray
-Data (kept in the object store), and runs a TorchTrainer: DDP over ``workers`` (gloo on CPU,
-NCCL on GPUs), ``FailureConfig`` restarts, and resume from the newest complete checkpoint.
+pair modes, labels, batch size), plans the data (`sepp_ray.train.dataplane`: pair items written
+once by a Ray Data job, row groups counted in tasks, no image bytes in the driver), and runs a
+TorchTrainer: DDP over ``workers`` (gloo on CPU, NCCL on GPUs), each rank streaming its rows of
+every epoch through parallel decode tasks, ``FailureConfig`` restarts, and resume from the
+newest complete checkpoint.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -22,7 +24,10 @@ from sepp_ray.config import opt
 from sepp_ray.data.dataset import ImageDataset
 from sepp_ray.errors import SeppError
 from sepp_ray.storage import Location, absolute, begin_write, finish_write, read_manifest
-from sepp_ray.train.items import PairsConfig, build_items
+from sepp_ray.train.items import PairsConfig, plan_items
+
+if TYPE_CHECKING:
+    from sepp_ray.train.optim_defaults import OptimRecipe
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +50,15 @@ class PretrainConfig:
     )
     epochs: int = opt(100, "training epochs")
     batch_size: int = opt(512, "global batch (items; each yields two views)")
-    optimizer: str = opt("lars", "lars, sgd or adamw")
-    base_lr: float = opt(0.3, "learning rate at batch 256, scaled by lr_scaling")
-    lr_scaling: str = opt("linear", "linear, sqrt or none (lr = base_lr x batch / 256)")
-    final_lr: float = opt(0.0, "learning rate at the end of the cosine schedule")
-    weight_decay: float = opt(1e-6, "weight decay (not on biases and norm layers)")
-    warmup_epochs: int = opt(10, "linear warm-up epochs")
-    grad_clip: float | None = opt(None, "gradient norm clip")
+    # optimiser settings: None takes the method's paper recipe (sepp_ray.train.optim_defaults)
+    optimizer: str | None = opt(None, "lars, sgd or adamw (default: the method's)")
+    base_lr: float | None = opt(None, "learning rate at batch 256, scaled by lr_scaling")
+    lr_scaling: str | None = opt(None, "linear, sqrt or none (linear: lr = base_lr x batch / 256)")
+    final_lr: float | None = opt(None, "learning rate at the end of the cosine schedule")
+    weight_decay: float | None = opt(None, "weight decay (constant unless weight_decay_end)")
+    weight_decay_end: float | None = opt(None, "weight decay at the end (a cosine schedule)")
+    warmup_epochs: int | None = opt(None, "linear warm-up epochs")
+    grad_clip: float | None = opt(None, "global gradient norm clip (0: none)")
     workers: int = opt(1, "Ray Train workers (one GPU each when use_gpu)")
     use_gpu: bool | None = opt(None, "default: when the cluster has GPUs")
     cpus_per_worker: float = opt(1.0, "CPUs reserved per training worker")
@@ -59,7 +66,14 @@ class PretrainConfig:
     channels_last: bool = opt(True, "channels_last memory format on GPU")
     compile: bool = opt(False, "torch.compile the model")
     sync_bn: bool = opt(False, "synchronised BatchNorm across workers")
-    shuffle_buffer: int = opt(10_000, "local shuffle buffer of items per worker (0: none)")
+    shuffle_buffer: int = opt(4096, "rows mixed in each worker's shuffle buffer (capped at 512 MB)")
+    read_ahead: int = opt(8, "row groups each worker has read and decoded ahead (Ray tasks)")
+    decode_cpus: float = opt(1.0, "CPUs of each read-and-decode task")
+    budget_steps: int | None = opt(
+        None,
+        "optimizer steps of the run (equal compute across compared arms: extra pair items "
+        "then mean fewer epochs, not more steps); none: epochs x items // batch_size",
+    )
     checkpoint_every: int = opt(10, "epochs between checkpoints (the last epoch always)")
     keep_checkpoints: int = opt(2, "newest checkpoints kept")
     gpu_wait_s: float = opt(
@@ -68,27 +82,33 @@ class PretrainConfig:
         "(set it on an autoscaling cluster, e.g. 900); 0: fail at once",
     )
     max_failures: int = opt(3, "worker failures to recover from (resume from a checkpoint)")
-    knn_monitor: bool = opt(True, "kNN accuracy on the test split during training")
+    knn_monitor: bool = opt(True, "kNN accuracy on the validation split during training")
+    monitor_split: str = opt(
+        "val", "the split the kNN monitor queries (model selection: never the test split)"
+    )
     knn_every: int = opt(5, "epochs between kNN monitor evaluations (and the last)")
     knn_k: int = opt(200, "neighbours of the kNN monitor")
     knn_max_train: int = opt(10_000, "at most this many train images in the kNN monitor")
-    knn_max_test: int = opt(2_000, "at most this many test images in the kNN monitor")
+    knn_max_test: int = opt(2_000, "at most this many validation images in the kNN monitor")
     seed: int = opt(0, "seed of weights, augmentation and shuffling")
     overwrite: bool = opt(False, "start over, replacing a complete run at `out`")
     pairs: PairsConfig = field(default_factory=PairsConfig)
 
+    def optim_recipe(self) -> OptimRecipe:
+        """The method's optimiser recipe with this config's settings applied."""
+        from sepp_ray.train.optim_defaults import config_recipe
+
+        return config_recipe(vars(self))
+
     def validate(self) -> None:
         from sepp_ray.data.recipes import check_drop
         from sepp_ray.methods import make_hparams
-        from sepp_ray.train.optim import scaled_lr
 
         if not self.dataset or not self.out:
             raise SeppError("pretrain needs DATASET and OUT (see `sepp pretrain --help`)")
         make_hparams(self.method, **self.hparams)
         check_drop(tuple(self.drop_augment))
-        scaled_lr(self.base_lr, self.batch_size, rule=self.lr_scaling)
-        if self.optimizer not in ("lars", "sgd", "adamw"):
-            raise SeppError(f"optimizer must be lars, sgd or adamw, got {self.optimizer!r}")
+        self.optim_recipe().peak_lr(self.batch_size)  # names and values checked here
         for name in ("epochs", "batch_size", "workers", "checkpoint_every", "knn_every"):
             if getattr(self, name) < 1:
                 raise SeppError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -97,6 +117,11 @@ class PretrainConfig:
                 f"batch_size {self.batch_size} must divide evenly over {self.workers} workers"
             )
         self.pairs.validate()
+        if self.pairs.pairs:  # a mode the method cannot honour fails here, not after training
+            from sepp_ray.methods import check_pair_use
+            from sepp_ray.train.step import pair_use_of_mode
+
+            check_pair_use(self.method, pair_use_of_mode(self.pairs.mode))
 
 
 def _image_size(ds: ImageDataset, cfg: PretrainConfig) -> int:
@@ -108,42 +133,28 @@ def _image_size(ds: ImageDataset, cfg: PretrainConfig) -> int:
     raise SeppError(f"{ds.uri} has images of several sizes: set image_size")
 
 
-def _decode_uint8(blobs: list[bytes], size: int) -> np.ndarray:
-    from sepp_ray.train.decode import _decode
+def _monitor(ds: ImageDataset, cfg: PretrainConfig, size: int) -> dict[str, Any] | None:
+    """Bounded samples for the kNN monitor: train images as the memory bank, the validation
+    split (``monitor_split``, never test) as queries; None when off or unlabeled."""
+    from sepp_ray.train.dataplane import monitor_sets
 
-    return (
-        np.stack([_decode(b, size) for b in blobs])
-        if blobs
-        else np.zeros((0, size, size, 3), np.uint8)
+    if not cfg.knn_monitor:
+        return None
+    splits = ds.manifest["splits"]
+    if cfg.monitor_split not in splits:
+        log.warning(
+            "no %r split in %s: the kNN monitor is off (ingest with images.val_fraction > 0 "
+            "to carve one from train)",
+            cfg.monitor_split,
+            cfg.dataset,
+        )
+        return None
+    if splits[cfg.split]["labeled"] == 0 or splits[cfg.monitor_split]["labeled"] == 0:
+        return None
+    sets = monitor_sets(
+        ds, cfg.split, cfg.monitor_split, size, cfg.knn_max_train, cfg.knn_max_test, cfg.seed
     )
-
-
-def _sample(table: Any, n: int, seed: int) -> Any:
-    """A seeded random subset of ``n`` rows: shards are often grouped by class (an ImageFolder
-    tree is read folder by folder), so the first rows would hold only a few classes."""
-    if table.num_rows <= n:
-        return table
-    keep = np.sort(np.random.default_rng(seed).choice(table.num_rows, n, replace=False))
-    return table.take(keep)
-
-
-def _monitor(ds: ImageDataset, cfg: PretrainConfig, size: int) -> dict[str, np.ndarray] | None:
-    """Small un-augmented labeled sets for the kNN monitor; None when there are no labels."""
-    if not cfg.knn_monitor or "test" not in ds.manifest["splits"]:
-        return None
-    if (
-        ds.manifest["splits"][cfg.split]["labeled"] == 0
-        or ds.manifest["splits"]["test"]["labeled"] == 0
-    ):
-        return None
-    tr = _sample(ds.read_table(["image", "label"], split=cfg.split), cfg.knn_max_train, cfg.seed)
-    te = _sample(ds.read_table(["image", "label"], split="test"), cfg.knn_max_test, cfg.seed + 1)
-    return {
-        "train_images": _decode_uint8(tr["image"].to_pylist(), size),
-        "train_labels": tr["label"].fill_null(-1).to_numpy().astype(np.int64),
-        "test_images": _decode_uint8(te["image"].to_pylist(), size),
-        "test_labels": te["label"].fill_null(-1).to_numpy().astype(np.int64),
-    }
+    return {**sets, "split": cfg.monitor_split}
 
 
 def _read_pairs_table(uri: str) -> Any:
@@ -172,10 +183,20 @@ def pretrain(cfg: PretrainConfig, callbacks: list[Any] | None = None) -> dict[st
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from sepp_ray.data.recipes import get_recipe
+    from sepp_ray.methods import fit_hparams, method_class
     from sepp_ray.ray_utils import init_ray
-    from sepp_ray.train.decode import DecodeItems
-    from sepp_ray.train.optim import scaled_lr
+    from sepp_ray.train.dataplane import (
+        ITEMS_DIR,
+        DataPlan,
+        decode_spec,
+        item_table,
+        training_chunks,
+    )
+    from sepp_ray.train.feed import FeedConfig
+    from sepp_ray.train.plan import total_rows
     from sepp_ray.train.state import CKPT_DIR, DIVERGED, latest_checkpoint
+    from sepp_ray.train.step import pair_use_of_mode
     from sepp_ray.train.worker import train_loop
 
     cfg.validate()
@@ -186,50 +207,80 @@ def pretrain(cfg: PretrainConfig, callbacks: list[Any] | None = None) -> dict[st
             f"split {cfg.split!r} not in {cfg.dataset}; it has {list(ds.manifest['splits'])}"
         )
     size = _image_size(ds, cfg)
-    images = ds.read_table(["id", "image"], split=cfg.split)
+    method_cls = method_class(cfg.method)
+    if method_cls.needs_labels and ds.manifest["splits"][cfg.split]["labeled"] == 0:
+        raise SeppError(
+            f"method {cfg.method} trains on class labels and split {cfg.split!r} of "
+            f"{cfg.dataset} has none: pick another method or a labeled dataset"
+        )
+    recipe = get_recipe(cfg.recipe or method_cls.default_recipe, size, drop=tuple(cfg.drop_augment))
+    spec = decode_spec(ds.manifest, size, recipe, cfg.pairs.max_positives, cfg.split)
     pairs = _read_pairs_table(cfg.pairs.pairs) if cfg.pairs.pairs else None
     curated = None
     if cfg.pairs.curated:
         loc = Location(cfg.pairs.curated)
         with loc.fs.open(loc.path, "rb") as f:
-            curated = pq.read_table(f)
-    items, counts = build_items(images, pairs, cfg.pairs, curated)
-    if items.num_rows < cfg.batch_size:
-        raise SeppError(
-            f"batch_size {cfg.batch_size} exceeds the {items.num_rows} training items: lower it"
-        )
-    multi_positive = cfg.pairs.mode in ("multi_positive", "both") and pairs is not None
+            curated = pq.read_table(f, columns=["image_a", "image_b"])
+    plan = plan_items(pairs, curated, cfg.pairs, cfg.seed)
+    pair_use = pair_use_of_mode(cfg.pairs.mode) if pairs is not None else "none"
+    multi_positive = pair_use != "none"
     init_ray()
     gpus = int(ray.cluster_resources().get("GPU", 0))
     use_gpu = bool(gpus) if cfg.use_gpu is None else cfg.use_gpu
     if use_gpu and gpus < cfg.workers:
         gpus = _wait_for_gpus(cfg)
+    _check_decode_cpus(cfg)
     # a complete run is final; a crashed one keeps its checkpoints and resumes from them
-    keep = (CKPT_DIR, "tensorboard") if not cfg.overwrite else ()
+    keep = (CKPT_DIR, "tensorboard", ITEMS_DIR) if not cfg.overwrite else ()
     if not cfg.overwrite:
         _check_resumable(cfg)
     loc = begin_write(cfg.out, overwrite=cfg.overwrite, keep=keep)
     resumed = latest_checkpoint(cfg.out)
-    steps_per_epoch = items.num_rows // cfg.batch_size
-    lr = scaled_lr(cfg.base_lr, cfg.batch_size, rule=cfg.lr_scaling)
-    monitor = _monitor(ds, cfg, size)
-    max_pos = cfg.pairs.max_positives
-    decoder = DecodeItems(size, max_pos)
-    rds = (
-        ray.data.from_arrow(items)
-        .map_batches(lambda b: decoder(b), batch_format="pyarrow", batch_size=256)
-        .materialize()
+    item_files = item_table(plan, ds, cfg.split, cfg.out, cfg.seed)
+    exclude = ray.put(plan.exclude) if len(plan.exclude) else None
+    chunks = training_chunks(ds, plan, item_files, cfg.split, exclude)
+    n_items = total_rows(chunks)
+    counts = {**plan.counts, "original": n_items - plan.rows if plan.originals else 0}
+    if n_items < cfg.batch_size:
+        raise SeppError(
+            f"batch_size {cfg.batch_size} exceeds the {n_items} training items: lower it"
+        )
+    steps_per_epoch = n_items // cfg.batch_size
+    total_steps = cfg.budget_steps or steps_per_epoch * cfg.epochs
+    data = DataPlan(
+        chunks=chunks,
+        spec=replace(spec, exclude=exclude),
+        feed=FeedConfig(
+            local_batch=cfg.batch_size // cfg.workers,
+            buffer_rows=cfg.shuffle_buffer,
+            read_ahead=cfg.read_ahead,
+            task_cpus=cfg.decode_cpus,
+        ),
+        global_batch=cfg.batch_size,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        seed=cfg.seed,
     )
+    epochs = data.epochs
+    # a queue (MoCo) or support set (NNCLR) never longer than an epoch of items
+    hparams = fit_hparams(cfg.method, cfg.hparams, n_items)
+    optim = cfg.optim_recipe()
+    lr = optim.peak_lr(cfg.batch_size)
+    monitor = _monitor(ds, cfg, size)
     loop_cfg = {
         **{k: v for k, v in asdict(cfg).items() if k != "pairs"},
+        "epochs": epochs,
+        "hparams": hparams,
         "image_size": size,
         "lr": lr,
         "multi_positive": multi_positive,
+        "pair_use": pair_use,
+        "data": data,
         "local_batch": cfg.batch_size // cfg.workers,
         "steps_per_epoch": steps_per_epoch,
-        "total_steps": steps_per_epoch * cfg.epochs,
-        "warmup_steps": steps_per_epoch * min(cfg.warmup_epochs, cfg.epochs - 1),
-        "monitor": ray.put(monitor) if monitor is not None else None,
+        "total_steps": total_steps,
+        "warmup_steps": min(optim.warmup_steps(steps_per_epoch, epochs), total_steps - 1),
+        "monitor": monitor,
         "num_classes": max(1, len(ds.classes)),
     }
     storage = Location(cfg.out).child("_ray")
@@ -243,7 +294,6 @@ def pretrain(cfg: PretrainConfig, callbacks: list[Any] | None = None) -> dict[st
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_cfg,
-        datasets={"train": rds},
         scaling_config=ScalingConfig(
             num_workers=cfg.workers,
             use_gpu=use_gpu,
@@ -254,7 +304,7 @@ def pretrain(cfg: PretrainConfig, callbacks: list[Any] | None = None) -> dict[st
     t0 = time.perf_counter()
     from sepp_ray.train.progress import ProgressBar
 
-    with ProgressBar(cfg.out, cfg.epochs, resumed[0] if resumed else 0):
+    with ProgressBar(cfg.out, epochs, resumed[0] if resumed else 0):
         result = trainer.fit()
     wall = time.perf_counter() - t0
     if result.error is not None:
@@ -267,7 +317,7 @@ def pretrain(cfg: PretrainConfig, callbacks: list[Any] | None = None) -> dict[st
             f"{cfg.out}/{CKPT_DIR}; lower the learning rate or check the data."
         )
     final = latest_checkpoint(cfg.out)
-    if final is None or final[0] != cfg.epochs:
+    if final is None or final[0] != epochs:
         raise SeppError(f"training ended without its final checkpoint in {cfg.out}")
     ckpt = read_manifest(final[1])
     history, starts, nodes = _history(final[1])
@@ -275,11 +325,17 @@ def pretrain(cfg: PretrainConfig, callbacks: list[Any] | None = None) -> dict[st
         "kind": "pretrain",
         "final_checkpoint": final[1],
         "epochs": cfg.epochs,
+        "epochs_run": epochs,
+        "budget_steps": cfg.budget_steps,
+        "total_steps": total_steps,
+        "hparams": hparams,
+        "decode": spec.mode,
         "resumed_from_epoch": resumed[0] if resumed else 0,
         "items": counts,
         "multi_positive": multi_positive,
         "steps_per_epoch": steps_per_epoch,
         "lr": lr,
+        "optim": optim.to_dict(),
         "image_size": size,
         "use_gpu": use_gpu,
         "workers": cfg.workers,
@@ -295,6 +351,21 @@ def pretrain(cfg: PretrainConfig, callbacks: list[Any] | None = None) -> dict[st
     }
     finish_write(loc, manifest)
     return manifest
+
+
+def _check_decode_cpus(cfg: PretrainConfig) -> None:
+    """Decoding runs in Ray tasks beside the training workers: a cluster whose CPUs the
+    workers take entirely would leave every read task pending forever."""
+    import ray
+
+    cpus = float(ray.cluster_resources().get("CPU", 0))
+    spare = cpus - cfg.workers * cfg.cpus_per_worker
+    if spare < cfg.decode_cpus:
+        raise SeppError(
+            f"{cfg.workers} workers x {cfg.cpus_per_worker} CPUs leave {spare:g} of the "
+            f"cluster's {cpus:g} CPUs for decoding, which needs {cfg.decode_cpus:g} per task: "
+            "lower cpus_per_worker or decode_cpus, or add CPUs"
+        )
 
 
 def _wait_for_gpus(cfg: PretrainConfig) -> int:
@@ -334,11 +405,12 @@ def _check_resumable(cfg: PretrainConfig) -> None:
     if found is None:
         return
     saved = read_manifest(found[1])
-    now = {"method": cfg.method, "backbone": cfg.backbone, "optimizer": cfg.optimizer}
+    optimizer = cfg.optim_recipe().optimizer  # the resolved name, as the worker saves it
+    now = {"method": cfg.method, "backbone": cfg.backbone, "optimizer": optimizer}
     was = {
         "method": saved.get("method"),
         "backbone": (saved.get("backbone") or {}).get("name"),
-        "optimizer": saved.get("optimizer", cfg.optimizer),
+        "optimizer": saved.get("optimizer", optimizer),
     }
     diff = {k: (was[k], now[k]) for k in now if was[k] != now[k]}
     if diff:

@@ -1,34 +1,55 @@
 """Training items: what one row of a pretraining epoch is, for every way of using pairs.
 
 Each item yields two views: view 1 from ``image``, view 2 from ``image2``.
-- original (kind 0): image2 is the same image (the usual two augmentations of one image);
+- original (kind 0): an image of the split, read straight from the dataset's shards; view 2 is
+  another augmentation of the same image;
 - semantic pair (kind 1, SePP-CID "dataset mode", arXiv 2306.16122): image = anchor,
   image2 = its mined positive; the training set is the originals plus these items, so every
   method works unchanged;
 - curated pair (kind 2): the same, from a user-supplied (image_a, image_b) table, as in the
   semantic-pairs dataset paper (arXiv 2510.08722), with or without the originals;
 - augmentation pair (kind 3): the same count of extra items as semantic pairs, but made of one
-  image twice: the fair "AP" baseline for SP-versus-AP comparisons.
-Multi-positive mode instead gives each original item ``pos_ids``: the ids of its semantic
-positives, so contrastive losses count them as positives when they share a batch.
+  image twice: the fair "AP" control for SP-versus-AP comparisons.
+Multi-positive and cancellation modes give each image ``pos_ids``, its semantic positives; an
+anchor and its positives form a *group* stored together, so they share a batch (without that
+an anchor meets its positives in about batch/N of steps, and the mode does almost nothing).
+
+Items are an index, not copies: the driver plans them from ids (`plan_items`), and a Ray Data
+step (`write_item_table`) fetches the images they name from the shards, by a hash shuffle of
+only the images that pairs use, into the run's own Parquet table. Originals are never copied.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from sepp_ray.config import opt
 from sepp_ray.errors import SeppError
 
 log = logging.getLogger(__name__)
-MODES = ("none", "dataset", "multi_positive", "both")
-ORIGINAL, SEMANTIC, CURATED, AUGMENTATION = 0, 1, 2, 3
+MODES = ("none", "dataset", "multi_positive", "both", "cancel")
+GROUP_MODES = ("multi_positive", "both", "cancel")  # pairs used in the loss: grouped images
+ORIGINAL, SEMANTIC, CURATED, AUGMENTATION, GROUPED = 0, 1, 2, 3, 4
+ITEM_SCHEMA = pa.schema(
+    [
+        pa.field("item_id", pa.int64(), nullable=False),
+        pa.field("image", pa.binary(), nullable=False),
+        pa.field("image2", pa.binary(), nullable=True),  # null: the same image as `image`
+        pa.field("label", pa.int32(), nullable=True),  # the label of `image`
+        pa.field("kind", pa.int8(), nullable=False),
+        pa.field("group", pa.int64(), nullable=False),  # -1, or the group of a grouped image
+        pa.field("pos_ids", pa.list_(pa.int64()), nullable=False),
+    ]
+)
+ROW_GROUP = 256
 
 
 @dataclass(frozen=True)
@@ -38,8 +59,9 @@ class PairsConfig:
     pairs: str | None = opt(None, "pairs location (the output of `sepp mine`); none: plain method")
     mode: str = opt(
         "dataset",
-        "dataset: pair items added to the originals (SePP-CID); "
-        "multi_positive: positives in the loss; both; none",
+        "dataset: pair items added to the originals (SePP-CID); multi_positive: positives in "
+        "the loss; both; cancel: positives removed from the negatives (false-negative "
+        "cancellation); none",
     )
     curated: str | None = opt(
         None,
@@ -51,7 +73,7 @@ class PairsConfig:
         False,
         "AP baseline: replace each semantic pair item by an item of one image twice (same count)",
     )
-    max_positives: int = opt(4, "multi_positive: positives kept per image")
+    max_positives: int = opt(4, "multi_positive / cancel: positives kept per image")
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -60,6 +82,12 @@ class PairsConfig:
             raise SeppError("pairs.curated_only needs pairs.curated (a table of image pairs)")
         if self.max_positives < 1:
             raise SeppError("pairs.max_positives must be >= 1")
+        if self.augmentation_pairs and self.mode != "dataset":
+            raise SeppError(
+                "pairs.augmentation_pairs is the control of dataset mode: set pairs.mode=dataset"
+            )
+        if self.augmentation_pairs and not self.pairs:
+            raise SeppError("pairs.augmentation_pairs needs pairs.pairs (it matches their count)")
 
 
 def derived_id(*parts: int | str) -> int:
@@ -68,71 +96,98 @@ def derived_id(*parts: int | str) -> int:
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") & (2**63 - 1)
 
 
-def check_ids(name: str, wanted: np.ndarray, known: np.ndarray) -> None:
-    """Pairs must name images of the dataset: a clear error with the count and examples."""
-    missing = np.setdiff1d(np.unique(wanted), known)
-    if len(missing):
-        raise SeppError(
-            f"{name} name {len(missing)} image id(s) absent from the training split "
-            f"(e.g. {missing[:5].tolist()}): were they mined on another dataset or split?"
-        )
+@dataclass
+class ItemPlan:
+    """The pair-item table to build, as ids only (what the driver holds)."""
+
+    item_id: np.ndarray  # int64, one per row
+    a: np.ndarray  # int64 image id of `image`
+    b: np.ndarray  # int64 image id of `image2`, -1 = the same image
+    kind: np.ndarray  # int8
+    unit: np.ndarray  # int64: rows of one unit are written together, in row order
+    group: np.ndarray  # int64: -1 or the group id
+    pos: list[list[int]]  # semantic positives of `a` (grouped rows), else []
+    exclude: np.ndarray  # sorted image ids that train in groups, not as originals
+    counts: dict[str, int] = field(default_factory=dict)
+    originals: bool = True
+
+    @property
+    def rows(self) -> int:
+        return len(self.item_id)
 
 
-def build_items(
-    images: pa.Table, pairs: pa.Table | None, cfg: PairsConfig, curated: pa.Table | None = None
-) -> tuple[pa.Table, dict[str, Any]]:
-    """images (id, image, ...) + pairs (anchor_id, positive_id) -> items table and counts."""
+def _positives(a: np.ndarray, p: np.ndarray, cap: int) -> dict[int, list[int]]:
+    """Each image's semantic positives, both directions, in pair order, at most ``cap``."""
+    out: dict[int, list[int]] = {}
+    for x, y in zip(np.concatenate([a, p]).tolist(), np.concatenate([p, a]).tolist(), strict=True):
+        lst = out.setdefault(x, [])
+        if y not in lst and len(lst) < cap:
+            lst.append(y)
+    return out
+
+
+def groups(a: np.ndarray, p: np.ndarray, cap: int, seed: int) -> list[list[int]]:
+    """Disjoint groups [anchor, positive, ...]: anchors in a seeded order, each taking up to
+    ``cap`` of its positives not yet in a group. Every image is in at most one group."""
+    pos = _positives(a, p, cap)
+    anchors = np.unique(a)
+    placed: set[int] = set()
+    out: list[list[int]] = []
+    for x in np.random.default_rng([seed, 0x6A]).permutation(anchors).tolist():
+        if x in placed:
+            continue
+        members = [y for y in pos.get(x, []) if y not in placed][:cap]
+        if not members:
+            continue
+        out.append([x, *members])
+        placed.update(out[-1])
+    return out
+
+
+def plan_items(
+    pairs: pa.Table | None, curated: pa.Table | None, cfg: PairsConfig, seed: int = 0
+) -> ItemPlan:
+    """The item table's rows from pair ids; see the module docstring for each kind."""
     cfg.validate()
-    ids = images["id"].to_numpy()
-    order = np.argsort(ids)
-    sorted_ids = ids[order]
-    blobs = images["image"]
+    rows: dict[str, list[Any]] = {k: [] for k in ("item_id", "a", "b", "kind", "unit", "group")}
+    pos: list[list[int]] = []
+    counts = {"original": 0, "semantic": 0, "curated": 0, "augmentation": 0, "grouped": 0}
 
-    def take(wanted: np.ndarray) -> pa.Array:
-        return blobs.take(pa.array(order[np.searchsorted(sorted_ids, wanted)]))
+    def add(item: int, a: int, b: int, kind: int, unit: int, group: int, p: list[int]) -> None:
+        for k, v in zip(rows, (item, a, b, kind, unit, group), strict=True):
+            rows[k].append(v)
+        pos.append(p)
 
-    use_pairs = cfg.mode != "none" and pairs is not None
-    if cfg.mode != "none" and pairs is None and not curated:
-        log.warning("pairs.mode=%s but no pairs were given: training the plain method", cfg.mode)
     a = p = np.empty(0, np.int64)
-    if use_pairs and pairs is not None:
+    if cfg.mode != "none" and pairs is not None:
         a = pairs["anchor_id"].to_numpy().astype(np.int64)
         p = pairs["positive_id"].to_numpy().astype(np.int64)
-        check_ids("the pairs", np.concatenate([a, p]), sorted_ids)
         if len(a) == 0:
             log.warning("the pairs table is empty: training the plain method")
-    parts: list[dict[str, Any]] = []
-    counts = {"original": 0, "semantic": 0, "curated": 0, "augmentation": 0}
-    if not cfg.curated_only:
-        pos = _positives(a, p, cfg.max_positives) if cfg.mode in ("multi_positive", "both") else {}
-        parts.append(
-            {
-                "item_id": ids,
-                "image": blobs,
-                "image2": blobs,
-                "kind": np.full(len(ids), ORIGINAL, np.int8),
-                "pos_ids": [pos.get(int(i), []) for i in ids],
-            }
+    elif cfg.mode != "none" and not curated:
+        log.warning("pairs.mode=%s but no pairs were given: training the plain method", cfg.mode)
+    exclude = np.empty(0, np.int64)
+    if cfg.mode in ("dataset", "both") and len(a):
+        ap = cfg.augmentation_pairs
+        tag, kind, name = (
+            ("ap", AUGMENTATION, "augmentation") if ap else ("sp", SEMANTIC, "semantic")
         )
-        counts["original"] = len(ids)
-    if use_pairs and cfg.mode in ("dataset", "both") and len(a):
-        # AP baseline: the same count of items, each one image twice (no semantic positive)
-        tag, kind, name, second = (
-            ("ap", AUGMENTATION, "augmentation", a)
-            if cfg.augmentation_pairs
-            else ("sp", SEMANTIC, "semantic", p)
-        )
-        item = np.array([derived_id(tag, int(x), int(y)) for x, y in zip(a, p, strict=True)])
-        parts.append(
-            {
-                "item_id": item,
-                "image": take(a),
-                "image2": take(second),
-                "kind": np.full(len(a), kind, np.int8),
-                "pos_ids": [[] for _ in a],
-            }
-        )
+        for x, y in zip(a.tolist(), p.tolist(), strict=True):
+            item = derived_id(tag, x, y)
+            add(item, x, -1 if ap else y, kind, item, -1, [])
         counts[name] = len(a)
+    if cfg.mode in GROUP_MODES and len(a):
+        pos_map = _positives(a, p, cfg.max_positives)
+        for members in groups(a, p, cfg.max_positives, seed):
+            g = derived_id("g", members[0])
+            for m in members:
+                add(m, m, -1, GROUPED, g, g, pos_map.get(m, []))
+        exclude = np.unique(
+            np.asarray(
+                [r for r, k in zip(rows["a"], rows["kind"], strict=True) if k == GROUPED], np.int64
+            )
+        )
+        counts["grouped"] = len(exclude)
     if curated is not None:
         for col in ("image_a", "image_b"):
             if col not in curated.column_names:
@@ -142,47 +197,176 @@ def build_items(
                 )
         ca = curated["image_a"].to_numpy().astype(np.int64)
         cb = curated["image_b"].to_numpy().astype(np.int64)
-        check_ids("the curated pairs", np.concatenate([ca, cb]), sorted_ids)
-        item = np.array([derived_id("cp", x, y) for x, y in zip(ca, cb, strict=True)])
-        parts.append(
-            {
-                "item_id": item,
-                "image": take(ca),
-                "image2": take(cb),
-                "kind": np.full(len(ca), CURATED, np.int8),
-                "pos_ids": [[] for _ in ca],
-            }
-        )
+        for x, y in zip(ca.tolist(), cb.tolist(), strict=True):
+            item = derived_id("cp", x, y)
+            add(item, x, y, CURATED, item, -1, [])
         counts["curated"] = len(ca)
-    if not parts or sum(counts.values()) == 0:
-        raise SeppError("no training items: the dataset split is empty and no pairs were given")
-    tables = [
-        pa.table(
-            {
-                "item_id": pa.array(x["item_id"], pa.int64()),
-                "image": x["image"],
-                "image2": x["image2"],
-                "kind": pa.array(x["kind"], pa.int8()),
-                "pos_ids": pa.array(x["pos_ids"], pa.list_(pa.int64())),
-            }
-        )
-        for x in parts
-    ]
-    table = pa.concat_tables([t.cast(tables[0].schema) for t in tables])
-    uniq = len(np.unique(table["item_id"].to_numpy()))
-    if uniq != table.num_rows:
+    plan = ItemPlan(
+        item_id=np.asarray(rows["item_id"], np.int64),
+        a=np.asarray(rows["a"], np.int64),
+        b=np.asarray(rows["b"], np.int64),
+        kind=np.asarray(rows["kind"], np.int8),
+        unit=np.asarray(rows["unit"], np.int64),
+        group=np.asarray(rows["group"], np.int64),
+        pos=pos,
+        exclude=exclude,
+        counts=counts,
+        originals=not cfg.curated_only,
+    )
+    uniq = len(np.unique(plan.item_id))
+    if uniq != plan.rows:
         raise SeppError(
-            f"{table.num_rows - uniq} training items repeat: the pairs table has "
+            f"{plan.rows - uniq} training items repeat: the pairs table has "
             "duplicate rows; deduplicate it"
         )
-    return table, counts
+    return plan
 
 
-def _positives(a: np.ndarray, p: np.ndarray, cap: int) -> dict[int, list[int]]:
-    """Each image's semantic positives, both directions, most frequent first, at most cap."""
-    out: dict[int, list[int]] = {}
-    for x, y in zip(np.concatenate([a, p]), np.concatenate([p, a]), strict=True):
-        lst = out.setdefault(int(x), [])
-        if int(y) not in lst and len(lst) < cap:
-            lst.append(int(y))
-    return out
+class _Explode:
+    """Image shard rows -> one row per (plan row, role) that needs the image."""
+
+    def __init__(self, plan: ItemPlan, split: str) -> None:
+        ids = np.concatenate([plan.a, plan.b[plan.b >= 0]])
+        row = np.concatenate([np.arange(plan.rows), np.flatnonzero(plan.b >= 0)])
+        role = np.concatenate(
+            [np.zeros(plan.rows, np.int8), np.ones(int((plan.b >= 0).sum()), np.int8)]
+        )
+        order = np.argsort(ids, kind="stable")
+        self.ids, self.row, self.role = ids[order], row[order], role[order]
+        self.unit = plan.unit
+        self.split = split
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import pyarrow.compute as pc
+
+        batch = batch.filter(pc.equal(batch["split"], self.split))
+        ids = batch["id"].to_numpy()
+        lo = np.searchsorted(self.ids, ids, "left")
+        hi = np.searchsorted(self.ids, ids, "right")
+        n = hi - lo
+        src = np.repeat(np.arange(len(ids)), n)
+        req = (
+            np.concatenate([np.arange(a, b) for a, b in zip(lo, hi, strict=True)])
+            if n.sum()
+            else np.zeros(0, np.int64)
+        )
+        rows = self.row[req]
+        return pa.table(
+            {
+                "unit": pa.array(self.unit[rows], pa.int64()),
+                "row": pa.array(rows, pa.int64()),
+                "role": pa.array(self.role[req], pa.int8()),
+                "image": batch["image"].take(pa.array(src, pa.int64())),
+                "label": batch["label"].take(pa.array(src, pa.int64())),
+            }
+        )
+
+
+class _Assemble:
+    """All requests of one unit -> its item rows, in plan order; incomplete rows flagged."""
+
+    def __init__(self, plan: ItemPlan) -> None:
+        self.plan = plan
+        self.__name__ = "assemble_items"  # Ray Data names a map by its function
+
+    def __call__(self, t: pa.Table) -> pa.Table:
+        pl = self.plan
+        rows = t["row"].to_numpy()
+        roles = t["role"].to_numpy()
+        images = t["image"].to_pylist()
+        labels = t["label"].to_pylist()
+        got: dict[tuple[int, int], int] = {}
+        for k, (r, o) in enumerate(zip(rows.tolist(), roles.tolist(), strict=True)):
+            got.setdefault((r, o), k)
+        out: dict[str, list[Any]] = {k: [] for k in (*ITEM_SCHEMA.names, "missing")}
+        for r in sorted({int(x) for x in rows.tolist()}):
+            i = got.get((r, 0))
+            j = got.get((r, 1)) if pl.b[r] >= 0 else None
+            missing = i is None or (pl.b[r] >= 0 and j is None)
+            out["missing"].append(int(pl.a[r]) if i is None else (int(pl.b[r]) if missing else -1))
+            out["item_id"].append(int(pl.item_id[r]))
+            out["image"].append(images[i] if i is not None else b"")
+            out["image2"].append(images[j] if j is not None else None)
+            out["label"].append(labels[i] if i is not None else None)
+            out["kind"].append(int(pl.kind[r]))
+            out["group"].append(int(pl.group[r]))
+            out["pos_ids"].append(pl.pos[r])
+        schema = ITEM_SCHEMA.append(pa.field("missing", pa.int64()))
+        return pa.table(out, schema=schema)
+
+
+class _Write:
+    """One block of assembled rows -> one Parquet file of the run's item table."""
+
+    def __init__(self, out_uri: str, seed: int, row_group: int) -> None:
+        self.out_uri = out_uri
+        self.seed = seed
+        self.row_group = row_group
+
+    def __call__(self, t: pa.Table) -> dict[str, Any]:
+        from sepp_ray.storage import filesystem
+
+        missing = t["missing"].to_numpy()
+        bad = missing[missing >= 0]
+        t = t.filter(pa.array(missing < 0)).drop_columns(["missing"])
+        uri = ""
+        if t.num_rows:
+            # units in a seeded order inside the file, rows of one unit kept together
+            units = t["item_id"].to_numpy().copy()
+            g = t["group"].to_numpy()
+            units[g >= 0] = g[g >= 0]
+            _, first = np.unique(units, return_index=True)
+            key = np.random.default_rng([self.seed, int(units[0]) & 0xFFFF]).permutation(len(first))
+            rank = dict(zip(units[np.sort(first)].tolist(), key.tolist(), strict=True))
+            order = np.argsort([rank[u] for u in units.tolist()], kind="stable")
+            t = t.take(pa.array(order))
+            fs, base = filesystem(self.out_uri)
+            fs.makedirs(base, exist_ok=True)
+            name = f"part-{uuid.uuid4().hex[:12]}.parquet"
+            with fs.open(f"{base}/{name}", "wb") as f:
+                pq.write_table(t.cast(ITEM_SCHEMA), f, row_group_size=self.row_group)
+            uri = f"{self.out_uri.rstrip('/')}/{name}"
+        return {
+            "file": [uri],
+            "rows": [t.num_rows],
+            "missing": [len(bad)],
+            "examples": [bad[:5].tolist()],
+        }
+
+
+def write_item_table(
+    plan: ItemPlan, image_files: list[str], fs: Any, split: str, out_uri: str, seed: int = 0
+) -> list[str]:
+    """Fetch the images the plan names and write the run's item table under ``out_uri``;
+    returns its files. A Ray Data job: read shards -> keep requested images -> hash-shuffle by
+    unit -> assemble -> write. Raises SeppError when pairs name images absent from ``split``."""
+    import ray
+
+    if plan.rows == 0:
+        return []
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ds = ray.data.read_parquet(image_files, filesystem=fs).select_columns(
+        ["id", "image", "label", "split"]
+    )
+    parts = int(max(1, min(64, plan.rows // 2000)))
+    ds = ds.map_batches(_Explode(plan, split), batch_format="pyarrow")
+    ds = ds.groupby("unit", num_partitions=parts).map_groups(
+        _Assemble(plan), batch_format="pyarrow"
+    )
+    # row groups are the unit ranks take: small enough that even a small table spreads
+    # over the epoch and the ranks (at least ~64 of them), at most ROW_GROUP rows
+    row_group = int(np.clip(plan.rows // 64, 16, ROW_GROUP))
+    ds = ds.map_batches(_Write(out_uri, seed, row_group), batch_format="pyarrow", batch_size=None)
+    results = ds.take_all()
+    files = sorted(r["file"] for r in results if r["file"])
+    missing = sum(int(r["missing"]) for r in results)
+    written = sum(int(r["rows"]) for r in results)
+    if missing or written != plan.rows:
+        examples = [x for r in results for x in r["examples"]][:5]
+        absent = plan.rows - written
+        raise SeppError(
+            f"the pairs name {absent} item(s) whose images are absent from split {split!r} of the "
+            f"dataset (e.g. image ids {examples}): were they mined on another dataset or split?"
+        )
+    return files

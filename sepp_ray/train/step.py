@@ -22,10 +22,18 @@ from torch import Tensor, nn
 from sepp_ray import dist
 from sepp_ray.data.augment import GPUAugment
 from sepp_ray.errors import SeppError
-from sepp_ray.methods.base import Method
-from sepp_ray.train.optim import set_lr, warmup_cosine
+from sepp_ray.methods.base import PAIR_USES, Method, check_pair_use
+from sepp_ray.train.optim import set_lr, set_wd, warmup_cosine
 
 AMP_MODES = ("auto", "bf16", "off")
+# how each `pairs.mode` uses the batch's `pos_ids` (sepp_ray.methods.base.PAIR_USES)
+_PAIR_USE_OF_MODE = {"multi_positive": "attract", "both": "attract", "cancel": "cancel"}
+
+
+def pair_use_of_mode(mode: str) -> str:
+    """The pair use of a pairs mode: multi_positive and both attract the mined positives,
+    cancel removes them from the negatives, every other mode gives no `pos_ids` ("none")."""
+    return _PAIR_USE_OF_MODE.get(mode, "none")
 
 
 class NonFiniteLossError(SeppError):
@@ -39,20 +47,24 @@ class StepConfig:
 
     amp: "auto" = bf16 autocast on CUDA, none on CPU; "bf16" = bf16 autocast on any device;
     "off" = float32. channels_last applies on CUDA only (on CPU it only slows convolutions).
-    grad_clip: max global gradient norm, or None. multi_positive: pass the batch's semantic
-    `pos_ids` to methods that support them (SePP's multi-positive loss).
+    grad_clip: max global gradient norm, or None. pair_use: what the batch's mined `pos_ids`
+    are to the loss: "none" (not read), "attract" (extra positives, SePP's multi-positive
+    loss) or "cancel" (removed from the negatives, false-negative cancellation); the Trainer
+    refuses a use its method cannot honour.
     """
 
     amp: str = "auto"
     channels_last: bool = False
     grad_clip: float | None = None
-    multi_positive: bool = False
+    pair_use: str = "none"
 
     def __post_init__(self) -> None:
         if self.amp not in AMP_MODES:
             raise SeppError(f"amp must be one of {list(AMP_MODES)}, got {self.amp!r}")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise SeppError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
+        if self.pair_use not in PAIR_USES:
+            raise SeppError(f"pair_use must be one of {list(PAIR_USES)}, got {self.pair_use!r}")
 
 
 class LossModule(nn.Module):
@@ -71,8 +83,13 @@ class LossModule(nn.Module):
         ids: Tensor,
         pos_ids: Tensor | None = None,
         epoch: int = 0,
+        *,
+        labels: Tensor | None = None,
+        cancel_ids: Tensor | None = None,
     ) -> Tensor:
-        loss, self.metrics = self.method.training_loss(views, ids, pos_ids, epoch)
+        loss, self.metrics = self.method.training_loss(
+            views, ids, pos_ids, epoch, labels=labels, cancel_ids=cancel_ids
+        )
         return loss
 
 
@@ -144,15 +161,18 @@ class Trainer:
         cuda = self.device.type == "cuda"
         self.amp = cfg.amp == "bf16" or (cfg.amp == "auto" and cuda)
         self.channels_last = cfg.channels_last and cuda
-        self.use_pos_ids = cfg.multi_positive and method.supports_multi_positive
+        check_pair_use(type(method), cfg.pair_use)
         self.params = [p for p in method.parameters() if p.requires_grad]
         self.last_finite_loss: float | None = None
 
-    def views(self, batch: dict[str, Any]) -> tuple[list[Tensor], Tensor, Tensor | None]:
-        """Views, ids and (if used) pos_ids of a batch, on the device.
+    def views(self, batch: dict[str, Any]) -> tuple[list[Tensor], Tensor, dict[str, Tensor]]:
+        """Views, ids and the method's other inputs of a batch, on the device.
 
         view1 is made from "image", view2 from "image2" (the semantic or curated positive of a
         pair item, the image itself for an original); multi-crop local views come from "image".
+        The third value holds the keyword inputs of `LossModule`: `pos_ids` (pair use
+        "attract") or `cancel_ids` ("cancel") from the batch's "pos_ids", and `labels` from
+        "label" for methods that need labels.
         """
         for key in ("image", "image2", "id"):
             if key not in batch:
@@ -163,23 +183,41 @@ class Trainer:
         v1, v2 = self.augment.pair_views(image, image2)
         recipe = self.augment.recipe
         views = [v1, v2]
-        if recipe.local is not None:
+        if recipe.local is not None and "local" in batch:  # CPU crops: B x L x S x S x 3
+            local = _as_device_tensor(batch["local"], self.device)
+            views += [
+                self.augment.one_view(local[:, j].permute(0, 3, 1, 2), recipe.local)
+                for j in range(local.shape[1])
+            ]
+        elif recipe.local is not None:
             views += [self.augment.one_view(image, recipe.local) for _ in range(recipe.n_local)]
         if self.channels_last:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-        pos_ids = None
-        if self.use_pos_ids:
+        extra: dict[str, Tensor] = {}
+        use = self.cfg.pair_use
+        if use != "none":
             if "pos_ids" not in batch:
                 raise SeppError(
-                    "multi_positive is on but the batch has no 'pos_ids' column: mine pairs "
-                    "first, or turn multi_positive off"
+                    f"pair_use is {use!r} but the batch has no 'pos_ids' column: mine pairs "
+                    "first, or use pairs.mode=dataset or none"
                 )
             pos_ids = _as_device_tensor(batch["pos_ids"], self.device).long()  # B x P
             if pos_ids.ndim != 2 or pos_ids.shape[0] != ids.shape[0]:
                 raise SeppError(
                     f"pos_ids must be B x P (B={ids.shape[0]}), got {tuple(pos_ids.shape)}"
                 )
-        return views, ids, pos_ids
+            extra["pos_ids" if use == "attract" else "cancel_ids"] = pos_ids
+        if self.method.needs_labels:
+            if "label" not in batch:
+                raise SeppError(
+                    f"method {self.method.name!r} needs class labels but the batch has no "
+                    "'label' column: train it on a labelled dataset"
+                )
+            labels = _as_device_tensor(batch["label"], self.device).long()  # B
+            if labels.shape != ids.shape:
+                raise SeppError(f"label must be B={ids.shape[0]} ints, got {tuple(labels.shape)}")
+            extra["labels"] = labels
+        return views, ids, extra
 
     def train_step(self, batch: dict[str, Any], epoch: int, step: int) -> dict[str, float]:
         """One optimiser step on `batch` at 0-based global `step`; returns float metrics: the
@@ -187,9 +225,10 @@ class Trainer:
         the loss is NaN/inf on any rank."""
         lr = warmup_cosine(step, self.total_steps, self.warmup_steps, self.base_lr, self.final_lr)
         set_lr(self.optimizer, lr)
-        views, ids, pos_ids = self.views(batch)
+        set_wd(self.optimizer, step, self.total_steps)  # groups with a weight-decay schedule
+        views, ids, extra = self.views(batch)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            loss = self.model(views, ids, pos_ids, epoch)
+            loss = self.model(views, ids, epoch=epoch, **extra)
         # [sum of losses, ranks with a non-finite loss]: every rank raises or none does, so no
         # rank is left waiting in backward's all-reduce. The one host sync of the step.
         local = loss.detach().float()

@@ -42,6 +42,19 @@ def _features(
     return torch.cat(out)
 
 
+def load_monitor(refs: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The monitor's decoded samples (ObjectRefs of `read_slice` outputs) as arrays."""
+    import ray
+
+    out: dict[str, np.ndarray] = {}
+    for name in ("train", "query"):
+        parts = ray.get(refs[name])
+        out[f"{name}_images"] = np.concatenate([p["image"] for p in parts])
+        out[f"{name}_labels"] = np.concatenate([p["label"] for p in parts])
+        out[f"{name}_ids"] = np.concatenate([p["id"] for p in parts])
+    return out
+
+
 def knn_monitor(
     method: torch.nn.Module,
     monitor: dict[str, np.ndarray],
@@ -54,12 +67,12 @@ def knn_monitor(
     from sepp_ray.eval.knn import knn_classify
 
     tr = _features(method, monitor["train_images"], mean, std, device)
-    te = _features(method, monitor["test_images"], mean, std, device)
+    te = _features(method, monitor["query_images"], mean, std, device)
     return knn_classify(
         tr,
         torch.from_numpy(monitor["train_labels"]).to(device),
         te,
-        torch.from_numpy(monitor["test_labels"]).to(device),
+        torch.from_numpy(monitor["query_labels"]).to(device),
         num_classes,
         k=min(k, len(tr)),
     )
@@ -88,6 +101,15 @@ class _Board:
             self.fs.put(self.dir + "/", self.target + "/", recursive=True)
 
 
+def _on_device(batches: Any, device: torch.device) -> Any:
+    """numpy batches -> tensors; on CUDA through pinned memory, so the copy is asynchronous."""
+    for b in batches:
+        out = {k: torch.from_numpy(v) for k, v in b.items()}
+        if device.type == "cuda":
+            out = {k: v.pin_memory().to(device, non_blocking=True) for k, v in out.items()}
+        yield out
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train's ``train_loop_per_worker``."""
     import ray.train
@@ -101,7 +123,7 @@ def train_loop(config: dict[str, Any]) -> None:
     from sepp_ray.methods import create_method
     from sepp_ray.models.checkpoint import BackboneMeta
     from sepp_ray.storage import Location
-    from sepp_ray.train.optim import build_optimizer
+    from sepp_ray.train.optim_defaults import config_recipe
     from sepp_ray.train.progress import write_progress
     from sepp_ray.train.state import (
         DIVERGED,
@@ -145,8 +167,11 @@ def train_loop(config: dict[str, Any]) -> None:
     recipe = get_recipe(
         c["recipe"] or method.default_recipe, c["image_size"], drop=tuple(c["drop_augment"])
     )
-    augment = GPUAugment(recipe, seed=seed, channels_last=channels_last)
-    optimizer = build_optimizer(c["optimizer"], method, c["lr"], c["weight_decay"])
+    # crop decoding: each view's crop was taken on the CPU from the stored image
+    gpu_recipe = recipe.with_drop(("crop",)) if c["data"].spec.mode == "crop" else recipe
+    augment = GPUAugment(gpu_recipe, seed=seed, channels_last=channels_last)
+    optim = config_recipe(c)  # the driver's recipe: same fields, same function
+    optimizer = optim.build(method, c["lr"])
     trainer = Trainer(
         model,
         method,
@@ -155,13 +180,13 @@ def train_loop(config: dict[str, Any]) -> None:
         StepConfig(
             amp=c["amp"],
             channels_last=channels_last,
-            grad_clip=c["grad_clip"],
-            multi_positive=c["multi_positive"],
+            grad_clip=optim.grad_clip,
+            pair_use=c["pair_use"],
         ),
         total_steps=c["total_steps"],
         warmup_steps=c["warmup_steps"],
         base_lr=c["lr"],
-        final_lr=c["final_lr"],
+        final_lr=optim.end_lr(c["lr"]),
     )
     start_epoch, history, starts = 0, [], []
     latest = latest_checkpoint(c["out"])
@@ -190,32 +215,24 @@ def train_loop(config: dict[str, Any]) -> None:
     )
     mean = torch.tensor(meta.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(meta.std, device=device).view(1, 3, 1, 1)
-    monitor = ray.get(c["monitor"]) if c["monitor"] is not None else None
+    monitor = load_monitor(c["monitor"]) if c["monitor"] is not None and rank == 0 else None
     board = _Board(c["out"]) if rank == 0 else None
-    shard = ray.train.get_dataset_shard("train")
-    steps_per_epoch = c["steps_per_epoch"]
+    data = c["data"]
     method.train()
     for epoch in range(start_epoch, c["epochs"]):
         t0 = time.perf_counter()
-        batches = shard.iter_torch_batches(
-            batch_size=c["local_batch"],
-            drop_last=True,
-            local_shuffle_buffer_size=c["shuffle_buffer"] or None,
-            local_shuffle_seed=c["seed"] * 100_003 + epoch * 101 + rank
-            if c["shuffle_buffer"]
-            else None,
-        )
-        limited = (b for _, b in zip(range(steps_per_epoch), batches, strict=False))
+        steps = data.steps_in(epoch)
+        batches = _on_device(data.batches(epoch, world, rank), device)
         try:
-            stats = train_epoch(trainer, limited, epoch, start_step=epoch * steps_per_epoch)
+            stats = train_epoch(trainer, batches, epoch, start_step=epoch * data.steps_per_epoch)
         except NonFiniteLossError as e:
             # every rank stops here together (the check is collective); rank 0 leaves the reason
             # where the driver looks, since a raise would make Ray Train retry the same divergence
             if rank == 0:
                 Location(c["out"]).write_bytes(DIVERGED, json.dumps({"error": str(e)}).encode())
             return
-        if int(stats["steps"]) != steps_per_epoch:
-            raise RuntimeError(f"rank {rank} got {stats['steps']} of {steps_per_epoch} steps")
+        if int(stats["steps"]) != steps:
+            raise RuntimeError(f"rank {rank} got {stats['steps']} of {steps} steps")
         metrics: dict[str, Any] = {
             "epoch": epoch + 1,
             "loss": stats["loss"],
@@ -253,7 +270,7 @@ def train_loop(config: dict[str, Any]) -> None:
                     state,
                     {
                         "method": c["method"],
-                        "optimizer": c["optimizer"],
+                        "optimizer": optim.optimizer,
                         "metrics": history[-1],
                         "dataset": {"uri": c["dataset"], "split": c["split"]},
                     },

@@ -95,10 +95,22 @@ class ImageFolderSource:
                 data = f.read()
             yield RawItem(rel, path, data, label, split)
 
+    def split_names(self) -> set[str]:
+        """The splits the tree holds, known before any image is read."""
+        return {split for _, _, split, _ in self._files}
+
+    def shuffle(self, seed: int) -> None:
+        """A seeded order of the file list, so that every work unit (shard) mixes classes;
+        the fingerprint does not depend on it."""
+        import numpy as np
+
+        order = np.random.default_rng(seed).permutation(len(self._files))
+        self._files = [self._files[i] for i in order]
+
     def fingerprint(self) -> str:
         """Relative paths and sizes: cheap, and changes when files are added, removed or edited
         in size. (Hashing every byte of a large tree would cost as much as the ingest.)"""
         h = hashlib.sha256()
-        for rel, size, _, _ in self._files:
+        for rel, size, _, _ in sorted(self._files):
             h.update(f"{rel}\0{size}\n".encode())
         return h.hexdigest()
