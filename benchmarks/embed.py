@@ -26,7 +26,7 @@ from sepp_ray.data.dataset import ImageDataset
 from sepp_ray.data.ingest import ImageOptions, ingest
 from sepp_ray.data.sources import open_source
 from sepp_ray.mining.embed import embed
-from sepp_ray.mining.encoder import EncoderConfig, decode_batch, load_encoder
+from sepp_ray.mining.encoder import EncoderConfig, decode_blobs, load_encoder
 from sepp_ray.ray_utils import init_ray
 from sepp_ray.storage import read_manifest
 
@@ -95,7 +95,7 @@ def main() -> None:
     _, meta, _ = load_encoder(enc)
     table = ImageDataset.open(uri).read_table(["image"])
     n_bare = min(table.num_rows, args.limit or 20 * args.batch)
-    images = decode_batch(table["image"].to_pylist()[:n_bare], meta.image_size)
+    images = decode_blobs(table["image"].to_pylist()[:n_bare], meta.image_size)
     bare_ips = bare(enc, images, args.batch, device)
     init_ray()  # cluster start-up is not part of the embedding time
     out = os.path.join(tempfile.mkdtemp(prefix="sepp-bench-embed-"), "emb")

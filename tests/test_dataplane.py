@@ -62,6 +62,27 @@ def _plan(
     )
 
 
+@pytest.fixture(scope="module")
+def plain(dataset: tuple[ImageDataset, Path]) -> DataPlan:
+    ds, base = dataset
+    return _plan(ds, base / "plain", PairsConfig(mode="none"), None, batch=64)
+
+
+@pytest.fixture(scope="module")
+def paired(dataset: tuple[ImageDataset, Path]) -> DataPlan:
+    ds, base = dataset
+    table = _pairs(ds, 100)
+    return _plan(ds, base / "paired", PairsConfig(pairs="x", mode="dataset"), table, batch=64)
+
+
+@pytest.fixture(scope="module")
+def grouped(dataset: tuple[ImageDataset, Path]) -> DataPlan:
+    ds, base = dataset
+    table = _pairs(ds, 100)
+    cfg = PairsConfig(pairs="x", mode="multi_positive")
+    return _plan(ds, base / "grouped", cfg, table, batch=64)
+
+
 def _epoch(data: DataPlan, epoch: int, world: int) -> list[list[dict[str, np.ndarray]]]:
     """Every rank's batches of one epoch (read here, in plan order, without Ray tasks)."""
     local = replace(data, feed=replace(data.feed, local_batch=data.global_batch // world))
@@ -79,11 +100,8 @@ def test_the_ingest_itself_mixes_a_class_sorted_tree(dataset: tuple[ImageDataset
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])
-def test_every_rank_mixes_classes_like_iid_sampling(
-    dataset: tuple[ImageDataset, Path], tmp_path: Path, world: int
-) -> None:
-    ds, _ = dataset
-    data = _plan(ds, tmp_path, PairsConfig(mode="none"), None, batch=64)
+def test_every_rank_mixes_classes_like_iid_sampling(plain: DataPlan, world: int) -> None:
+    data = plain
     local = 64 // world
     # i.i.d. draws of `local` from 10 balanced classes hold E = 10 (1 - 0.9^local) classes
     # (16: 8.1, 32: 9.7, 64: 10.0). A fixed class-sorted slice held 2.5 at 4 ranks; the bar
@@ -99,10 +117,10 @@ def test_every_rank_mixes_classes_like_iid_sampling(
 
 
 def test_epochs_differ_seeds_repeat_and_a_restart_continues_the_order(
-    dataset: tuple[ImageDataset, Path], tmp_path: Path
+    dataset: tuple[ImageDataset, Path], plain: DataPlan, tmp_path: Path
 ) -> None:
     ds, _ = dataset
-    data = _plan(ds, tmp_path, PairsConfig(mode="none"), None, batch=64)
+    data = plain
     ids = [[b["id"].tolist() for b in rank] for rank in _epoch(data, 0, 2)]
     again = [[b["id"].tolist() for b in rank] for rank in _epoch(data, 0, 2)]
     assert ids == again  # same seed, same epoch: the same batches on every rank
@@ -121,11 +139,8 @@ def test_epochs_differ_seeds_repeat_and_a_restart_continues_the_order(
     assert _epoch(changed, 2, 2)[0][0]["id"].tolist() != _epoch(data, 2, 2)[0][0]["id"].tolist()
 
 
-def test_ray_tasks_read_the_same_batches_as_a_local_read(
-    dataset: tuple[ImageDataset, Path], tmp_path: Path
-) -> None:
-    ds, _ = dataset
-    data = _plan(ds, tmp_path, PairsConfig(mode="none"), None, batch=64)
+def test_ray_tasks_read_the_same_batches_as_a_local_read(paired: DataPlan) -> None:
+    data = paired
     local = list(data.batches(1, 1, 0, use_ray=False))
     remote = list(data.batches(1, 1, 0, use_ray=True))
     assert [b["id"].tolist() for b in local] == [b["id"].tolist() for b in remote]
@@ -133,11 +148,11 @@ def test_ray_tasks_read_the_same_batches_as_a_local_read(
 
 
 def test_pair_items_spread_over_the_epoch_and_the_ranks(
-    dataset: tuple[ImageDataset, Path], tmp_path: Path
+    dataset: tuple[ImageDataset, Path], paired: DataPlan
 ) -> None:
     ds, _ = dataset
     table = _pairs(ds, 100)
-    data = _plan(ds, tmp_path, PairsConfig(pairs="x", mode="dataset"), table, batch=64)
+    data = paired
     pair_ids = set(plan_items(table, None, PairsConfig(pairs="x", mode="dataset")).item_id.tolist())
     for epoch in (0, 1):
         ranks = _epoch(data, epoch, 4)
@@ -153,11 +168,11 @@ def test_pair_items_spread_over_the_epoch_and_the_ranks(
 
 
 def test_multi_positive_groups_share_their_global_batch(
-    dataset: tuple[ImageDataset, Path], tmp_path: Path
+    dataset: tuple[ImageDataset, Path], grouped: DataPlan
 ) -> None:
     ds, _ = dataset
     table = _pairs(ds, 100)
-    data = _plan(ds, tmp_path, PairsConfig(pairs="x", mode="multi_positive"), table, batch=64)
+    data = grouped
     a, p = table["anchor_id"].to_numpy(), table["positive_id"].to_numpy()
     for world in (1, 4):
         ranks = _epoch(data, 0, world)
@@ -183,13 +198,11 @@ def test_multi_positive_groups_share_their_global_batch(
 
 
 def test_the_census_counts_only_the_split_and_skips_grouped_images(
-    dataset: tuple[ImageDataset, Path], tmp_path: Path
+    dataset: tuple[ImageDataset, Path], grouped: DataPlan
 ) -> None:
     ds, _ = dataset
-    table = _pairs(ds, 100)
-    plan = plan_items(table, None, PairsConfig(pairs="x", mode="multi_positive"))
-    files = item_table(plan, ds, "train", str(tmp_path), seed=0)
-    chunks = training_chunks(ds, plan, files, "train", plan.exclude)
+    plan = plan_items(_pairs(ds, 100), None, PairsConfig(pairs="x", mode="multi_positive"))
+    chunks = grouped.chunks
     assert total_rows([c for c in chunks if c.table == "items"]) == plan.rows == 200
     assert total_rows([c for c in chunks if c.table == "images"]) == 400 - 200
     assert len(image_files(ds)) == len(ds.manifest["files"])

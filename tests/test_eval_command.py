@@ -150,7 +150,7 @@ def test_bad_inputs_fail_before_any_output(setup: dict[str, str], tmp_path: Path
         ({"checkpoints": [setup["data"]]}, "is a 'images' output, not a checkpoint"),
         ({"checkpoints": [str(empty)]}, "is not a checkpoint"),
         ({"checkpoints": [mismatch]}, "do not fit architecture resnet18"),
-        ({"test_split": "val"}, "split 'val' is not in"),
+        ({"test_split": "holdout"}, "split 'holdout' is not in"),
         ({"dataset": stl, "train_split": "unlabeled"}, "split 'unlabeled' .* has no labels"),
         ({"protocols": ["semisup"], "label_fractions": [0.001]}, "leaves class .* empty"),
         ({"protocols": ["knn", "segmentation"]}, "unknown protocol"),

@@ -81,3 +81,17 @@ def test_min_size_and_jpeg_encoding() -> None:
     assert process(rgb(4, 8), min_size=16).skip_reason == "too small: 8x8 < 16"
     out = process(rgb(4, 8), encoding="jpeg")
     assert out.data is not None and out.data[:2] == b"\xff\xd8"
+
+
+def test_the_decode_stage_hands_actors_the_same_pixels_as_decoding_in_place() -> None:
+    import pyarrow as pa
+
+    from sepp_ray.data.images import PIXELS, DecodeImages, batch_pixels
+
+    blobs = [encode(rgb(i, 12)) for i in range(5)]
+    batch = pa.table({"id": list(range(5)), "image": blobs})
+    staged = DecodeImages(8)(batch)
+    assert PIXELS in staged.column_names and "image" not in staged.column_names
+    np.testing.assert_array_equal(batch_pixels(staged, 8), batch_pixels(batch, 8))
+    assert batch_pixels(staged.slice(2, 2), 8).shape == (2, 8, 8, 3)
+    np.testing.assert_array_equal(batch_pixels(staged.slice(2, 2), 8), batch_pixels(batch, 8)[2:4])

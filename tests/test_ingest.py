@@ -41,7 +41,11 @@ def test_digits_schema_counts_and_stable_ids(tmp_path: Path) -> None:
     assert t1["id"].to_pylist() == t2["id"].to_pylist()  # same ids on every run
     assert len(set(t1["id"].to_pylist())) == 1797
     assert m1["classes"] == [str(i) for i in range(10)]
-    assert m1["splits"]["train"]["total"] + m1["splits"]["test"]["total"] == 1797
+    sp = m1["splits"]
+    assert sp["train"]["total"] + sp["val"]["total"] + sp["test"]["total"] == 1797
+    # the seeded val carve: ~5 % of train, by image id, the same on every run
+    assert 0.03 < sp["val"]["total"] / (sp["train"]["total"] + sp["val"]["total"]) < 0.07
+    assert sp == m2["splits"]
     assert m1["source"]["fingerprint"] == m2["source"]["fingerprint"]
     assert m1["image_size"] == {"width": [32, 32], "height": [32, 32], "uniform": True}
     first = t1.slice(0, 1).to_pylist()[0]
@@ -203,7 +207,7 @@ def test_every_binary_source_kind_through_ingest(tmp_path: Path) -> None:
     for name, (fmt, splits, n_classes) in expect.items():
         src = open_source(str(tmp_path / name))  # auto-detected from the parent folder
         assert src.kind == fmt
-        m = ingest(src, str(tmp_path / f"out-{name}"))
+        m = ingest(src, str(tmp_path / f"out-{name}"), ImageOptions(val_fraction=0.0))
         assert {k: v["total"] for k, v in m["splits"].items()} == splits
         assert len(m["classes"]) == n_classes
     assert (
@@ -215,3 +219,32 @@ def test_every_binary_source_kind_through_ingest(tmp_path: Path) -> None:
     assert m["num_images"] == 10
     c10 = _table(str(tmp_path / "out-c10"))
     assert decode_rgb(c10["image"][0].as_py()).shape == (32, 32, 3)
+
+
+def test_val_carve_is_seeded_and_a_source_val_split_needs_none(tmp_path: Path) -> None:
+    from sepp_ray.data.ingest import carve_val
+
+    ids = np.arange(1, 20_001, dtype=np.int64) * 7919
+    a, b = carve_val(ids, 0.1, 0), carve_val(ids, 0.1, 1)
+    assert abs(a.mean() - 0.1) < 0.01 and abs(b.mean() - 0.1) < 0.01
+    assert np.array_equal(a, carve_val(ids, 0.1, 0)) and not np.array_equal(a, b)
+    assert not carve_val(ids, 0.0, 0).any()
+    root = tmp_path / "tree"
+    write_tree(root, classes=("cat", "dog"), per_class=2, splits=("train", "val"))
+    with pytest.raises(SeppError, match="has its own 'val' split"):
+        ingest(open_source(str(root)), str(tmp_path / "out"))
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    m = ingest(open_source(str(root)), str(tmp_path / "out"), ImageOptions(val_fraction=0.0))
+    assert m["splits"]["val"]["total"] == 4
+
+
+def test_a_resized_jpeg_stays_a_jpeg(tmp_path: Path) -> None:
+    from sepp_ray.data.images import process
+    from tests.imagetree import encode, rgb
+
+    out = process(encode(rgb(3, 64), "JPEG"), resize=32, jpeg_quality=90)
+    assert (
+        out.data is not None and out.data[:2] == b"\xff\xd8" and (out.width, out.height) == (32, 32)
+    )
+    png = process(encode(rgb(3, 64), "PNG"), resize=32)
+    assert png.data is not None and png.data[:4] == b"\x89PNG"

@@ -12,6 +12,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from sepp_ray.data.dataset import ImageDataset
+from sepp_ray.data.images import DecodeImages
 from sepp_ray.storage import Location, filesystem
 
 
@@ -36,10 +37,12 @@ def infer_to_parquet(
     *,
     actors: int | None = None,
     rows_per_file: int | None = None,
+    decode_size: int | None = None,
 ) -> tuple[list[str], list[int], int, int]:
     """Run ``fn_cls(*ctor_args)`` over the images of ``splits`` into ``loc/subdir``; returns
     (Parquet files, rows per file, actors, GPUs). Batch order is preserved, so the output is
-    the same on every run and cluster shape."""
+    the same on every run and cluster shape. With ``decode_size``, images are decoded in
+    parallel CPU tasks ahead of the actors (one core per GPU actor could not keep up)."""
     import ray
     from ray.data import DataContext
 
@@ -51,6 +54,8 @@ def infer_to_parquet(
         rds = rds.map_batches(
             lambda t: t.filter(pc.is_in(t["split"], value_set=wanted)), batch_format="pyarrow"
         )
+    if decode_size:
+        rds = rds.map_batches(DecodeImages(decode_size), batch_format="pyarrow", num_cpus=1)
     rds = rds.map_batches(
         fn_cls,
         fn_constructor_args=ctor_args,

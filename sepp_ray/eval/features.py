@@ -117,7 +117,7 @@ class FeatureExtractor:
         return f.cpu()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        images = decode_batch(batch.column("image").to_pylist(), self.meta.image_size)
+        images = decode_batch(batch, self.meta.image_size)
         f = self.features(images).numpy()  # f: B x D
         feature = pa.FixedSizeListArray.from_arrays(
             pa.array(f.reshape(-1), pa.float32()), f.shape[1]
@@ -208,6 +208,7 @@ def extract_features(
         loc,
         FEATURES_DIR,
         actors=actors,
+        decode_size=int(read_manifest(checkpoint_uri)["backbone"]["image_size"]),
     )
     expected = {s: int(ds.manifest["splits"][s]["total"]) for s in splits}
     if sum(rows) != sum(expected.values()):

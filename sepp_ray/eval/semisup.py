@@ -28,7 +28,7 @@ from sepp_ray.data.dataset import ImageDataset
 from sepp_ray.errors import SeppError
 from sepp_ray.eval.features import check_split
 from sepp_ray.eval.knn import topk_accuracy
-from sepp_ray.mining.encoder import decode_batch
+from sepp_ray.mining.encoder import decode_blobs
 from sepp_ray.models.checkpoint import BackboneMeta, load_backbone
 
 # decode the labeled subset once when it fits in this many bytes of uint8 pixels
@@ -109,9 +109,9 @@ class Classifier(nn.Module):
 def _image_source(blobs: list[bytes], size: int) -> Callable[[np.ndarray], Tensor]:
     """idx -> uint8 B x 3 x size x size; the subset is decoded once when it fits in memory."""
     if len(blobs) * 3 * size * size <= _CACHE_BYTES:
-        bank = decode_batch(blobs, size)
+        bank = decode_blobs(blobs, size)
         return lambda idx: bank[torch.as_tensor(idx)]
-    return lambda idx: decode_batch([blobs[i] for i in idx], size)
+    return lambda idx: decode_blobs([blobs[i] for i in idx], size)
 
 
 def augment(images: Tensor, meta: BackboneMeta, crop_scale: float, g: torch.Generator) -> Tensor:
@@ -198,7 +198,7 @@ def evaluate(
     scores, ys = [], []
     for blobs, y in batches:
         x = normalize(
-            to_float(decode_batch(blobs, meta.image_size).to(device)), meta.mean, meta.std
+            to_float(decode_blobs(blobs, meta.image_size).to(device)), meta.mean, meta.std
         )
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             scores.append(model(x).float().cpu())

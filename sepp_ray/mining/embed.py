@@ -77,6 +77,7 @@ def embed(
         EMB_DIR,
         actors=actors,
         rows_per_file=rows_per_file,
+        decode_size=meta.image_size,
     )
     if sum(rows) != n_expected:
         raise SeppError(f"embedded {sum(rows)} images but expected {n_expected}: rerun")

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sepp_ray.config import opt
-from sepp_ray.data.images import decode_rgb
+from sepp_ray.data.images import batch_pixels
 from sepp_ray.errors import SeppError
 from sepp_ray.models.backbones import create_backbone
 from sepp_ray.models.checkpoint import (
@@ -104,12 +104,15 @@ def load_encoder(cfg: EncoderConfig) -> tuple[nn.Module, BackboneMeta, str]:
     return model.eval(), meta, identity
 
 
-def decode_batch(blobs: list[bytes], size: int) -> torch.Tensor:
+def decode_blobs(blobs: list[bytes], size: int) -> torch.Tensor:
     """Encoded RGB images -> uint8 B x 3 x size x size (bicubic, antialiased when shrinking)."""
-    out = np.empty((len(blobs), size, size, 3), dtype=np.uint8)
-    for i, blob in enumerate(blobs):
-        out[i] = decode_rgb(blob, size)
-    return torch.from_numpy(out).permute(0, 3, 1, 2)
+    return decode_batch(pa.table({"image": pa.array(blobs, pa.binary())}), size)
+
+
+def decode_batch(batch: pa.Table, size: int) -> torch.Tensor:
+    """A batch's images as uint8 B x 3 x size x size: decoded by the CPU stage ahead of the
+    actors (`DecodeImages`), or here when the batch still holds encoded bytes."""
+    return torch.from_numpy(np.ascontiguousarray(batch_pixels(batch, size))).permute(0, 3, 1, 2)
 
 
 class Embedder:
@@ -147,7 +150,7 @@ class Embedder:
         return feats.cpu()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        images = decode_batch(batch.column("image").to_pylist(), self.meta.image_size)
+        images = decode_batch(batch, self.meta.image_size)
         feats = self.embed_uint8(images).numpy()
         dim = feats.shape[1]
         emb = pa.FixedSizeListArray.from_arrays(pa.array(feats.reshape(-1), pa.float32()), dim)

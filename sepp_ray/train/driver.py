@@ -69,6 +69,11 @@ class PretrainConfig:
     shuffle_buffer: int = opt(4096, "rows mixed in each worker's shuffle buffer (capped at 512 MB)")
     read_ahead: int = opt(8, "row groups each worker has read and decoded ahead (Ray tasks)")
     decode_cpus: float = opt(1.0, "CPUs of each read-and-decode task")
+    decode_on: str = opt(
+        "cpu",
+        "cpu: decode in the read tasks; gpu: ship JPEG bytes and decode them on the training "
+        "device (nvJPEG; JPEG shards stored at the training size)",
+    )
     budget_steps: int | None = opt(
         None,
         "optimizer steps of the run (equal compute across compared arms: extra pair items "
@@ -117,6 +122,8 @@ class PretrainConfig:
                 f"batch_size {self.batch_size} must divide evenly over {self.workers} workers"
             )
         self.pairs.validate()
+        if self.decode_on not in ("cpu", "gpu"):
+            raise SeppError(f"decode_on must be cpu or gpu, got {self.decode_on!r}")
         if self.pairs.pairs:  # a mode the method cannot honour fails here, not after training
             from sepp_ray.methods import check_pair_use
             from sepp_ray.train.step import pair_use_of_mode
@@ -215,6 +222,14 @@ def pretrain(cfg: PretrainConfig, callbacks: list[Any] | None = None) -> dict[st
         )
     recipe = get_recipe(cfg.recipe or method_cls.default_recipe, size, drop=tuple(cfg.drop_augment))
     spec = decode_spec(ds.manifest, size, recipe, cfg.pairs.max_positives, cfg.split)
+    if cfg.decode_on == "gpu":
+        if spec.mode != "full":
+            raise SeppError(
+                f"decode_on=gpu decodes whole images, but {cfg.dataset} is not stored at the "
+                f"training size {size}: ingest with images.resize={size} "
+                "images.center_crop=true images.encoding=jpeg, or decode_on=cpu"
+            )
+        spec = replace(spec, mode="bytes")
     pairs = _read_pairs_table(cfg.pairs.pairs) if cfg.pairs.pairs else None
     curated = None
     if cfg.pairs.curated:

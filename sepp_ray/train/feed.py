@@ -34,7 +34,7 @@ from sepp_ray.train.census import row_filter
 from sepp_ray.train.plan import Slice
 
 Batch = dict[str, np.ndarray]
-DECODE_MODES = ("full", "crop", "eval")
+DECODE_MODES = ("full", "crop", "eval", "bytes")
 
 
 @dataclass(frozen=True)
@@ -141,6 +141,11 @@ def decode_rows(table: pa.Table, spec: DecodeSpec, rng: np.random.Generator) -> 
     )
     blobs = table["image"].to_pylist()
     blobs2 = table["image2"].to_pylist() if "image2" in cols else [None] * n
+    if spec.mode == "bytes":  # decoded on the training device (`decode_on_device`)
+        out_b: Batch = {"id": ids, "label": labels}
+        out_b["image_bytes"] = np.array(blobs + [None], dtype=object)[:n]
+        out_b["image2_bytes"] = np.array(blobs2 + [None], dtype=object)[:n]
+        return {**out_b, **_extras(table, spec, n)}
     v1: list[np.ndarray] = []
     v2: list[np.ndarray] = []
     local: list[np.ndarray] = []
@@ -172,15 +177,49 @@ def decode_rows(table: pa.Table, spec: DecodeSpec, rng: np.random.Generator) -> 
             if n
             else np.zeros((0, spec.n_local, sl, sl, 3), np.uint8)
         )
+    return {**out, **_extras(table, spec, n)}
+
+
+def _extras(table: pa.Table, spec: DecodeSpec, n: int) -> Batch:
+    """pos_ids (n x max_positives, -1 padded) and group of every row."""
+    cols = table.column_names
     pos = np.full((n, spec.max_positives), -1, np.int64)
     if "pos_ids" in cols:
         for i, lst in enumerate(table["pos_ids"].to_pylist()):
             lst = (lst or [])[: spec.max_positives]
             pos[i, : len(lst)] = lst
-    out["pos_ids"] = pos
-    out["group"] = (
+    group = (
         table["group"].to_numpy().astype(np.int64) if "group" in cols else np.full(n, -1, np.int64)
     )
+    return {"pos_ids": pos, "group": group}
+
+
+def decode_on_device(batch: Batch, device: Any) -> dict[str, Any]:
+    """A "bytes" batch -> tensors on ``device``, its JPEGs decoded there (nvJPEG on CUDA, via
+    torchvision.io.decode_jpeg); image2 decoded only where it differs from image."""
+    import torch
+    from torchvision.io import decode_jpeg
+
+    def decode(blobs: list[bytes]) -> Any:
+        if any(b[:2] != b"\xff\xd8" for b in blobs):
+            raise SeppError(
+                "decode_on=gpu needs JPEG shards: ingest with images.encoding=jpeg, or decode "
+                "on the CPU (decode_on=cpu)"
+            )
+        data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
+        return torch.stack(decode_jpeg(data, device=device)).permute(0, 2, 3, 1)  # B x H x W x 3
+
+    out: dict[str, Any] = {
+        k: torch.from_numpy(v).to(device, non_blocking=True)
+        for k, v in batch.items()
+        if k not in ("image_bytes", "image2_bytes")
+    }
+    image = decode(list(batch["image_bytes"]))
+    image2 = image.clone()
+    other = [i for i, b in enumerate(batch["image2_bytes"]) if b is not None]
+    if other:
+        image2[other] = decode([batch["image2_bytes"][i] for i in other])
+    out["image"], out["image2"] = image, image2
     return out
 
 

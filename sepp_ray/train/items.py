@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -334,6 +335,19 @@ class _Write:
         }
 
 
+def image_bytes(files: list[str], fs: Any, sample: int = 4) -> float:
+    """Mean stored bytes of an image, from the Parquet footers of a few shards (no data read)."""
+    size = rows = 0
+    for path in files[:sample]:
+        with fs.open(path, "rb") as f:
+            meta = pq.ParquetFile(f).metadata
+        col = meta.schema.to_arrow_schema().get_field_index("image")
+        for g in range(meta.num_row_groups):
+            size += meta.row_group(g).column(col).total_uncompressed_size
+            rows += meta.row_group(g).num_rows
+    return size / max(rows, 1)
+
+
 def write_item_table(
     plan: ItemPlan, image_files: list[str], fs: Any, split: str, out_uri: str, seed: int = 0
 ) -> list[str]:
@@ -349,7 +363,9 @@ def write_item_table(
     ds = ray.data.read_parquet(image_files, filesystem=fs).select_columns(
         ["id", "image", "label", "split"]
     )
-    parts = int(max(1, min(64, plan.rows // 2000)))
+    # partitions of at most ~256 MB of image bytes (an Arrow binary array stops at 2 GiB)
+    need = plan.rows + int((plan.b >= 0).sum())
+    parts = int(max(1, min(512, math.ceil(need * image_bytes(image_files, fs) / 2**28))))
     ds = ds.map_batches(_Explode(plan, split), batch_format="pyarrow")
     ds = ds.groupby("unit", num_partitions=parts).map_groups(
         _Assemble(plan), batch_format="pyarrow"

@@ -102,8 +102,14 @@ class _Board:
 
 
 def _on_device(batches: Any, device: torch.device) -> Any:
-    """numpy batches -> tensors; on CUDA through pinned memory, so the copy is asynchronous."""
+    """numpy batches -> tensors; on CUDA through pinned memory, so the copy is asynchronous.
+    Batches of JPEG bytes (``decode_on=gpu``) are decoded on the device."""
+    from sepp_ray.train.feed import decode_on_device
+
     for b in batches:
+        if "image_bytes" in b:
+            yield decode_on_device(b, device)
+            continue
         out = {k: torch.from_numpy(v) for k, v in b.items()}
         if device.type == "cuda":
             out = {k: v.pin_memory().to(device, non_blocking=True) for k, v in out.items()}
