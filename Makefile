@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 RUNS ?= runs
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-slow lint bench-ingest browser clean
+.PHONY: run test test-slow lint bench-ingest browser clean gpu-check
 
 # the `sepp curate` browser tests drive Debian's chromium through chromedriver (never a
 # browser downloaded at run time); installed here when missing (needs root, as on CI)
@@ -39,6 +39,18 @@ lint: $(STAMP)
 
 bench-ingest: $(STAMP)
 	$(BIN)/python benchmarks/ingest.py
+
+# The prepared GPU check (README "GPU check"): make gpu-check OUT=dir [MODE=auto|full|tiny].
+# On the GPU machine (no .venv, no Ray) it unpacks .devbundle/, which
+# ../shared/tools/device-bundle.sh builds here; with a .venv it runs there (tiny without CUDA).
+GPU_PY = $(shell test -x $(BIN)/python && echo $(BIN)/python || echo python3)
+GPU_ENV = PYTHONPATH=/tmp/site:$(CURDIR) RAY_AUTH_MODE=disabled
+gpu-check:
+	@test -n "$(OUT)" || { echo "usage: make gpu-check OUT=dir [MODE=auto|full|tiny]" >&2; exit 2; }
+	@$(GPU_ENV) $(GPU_PY) -c "import ray" 2>/dev/null || { test -f .devbundle/setup.sh || \
+	  { echo "no Ray here and no .devbundle/: run bash ../shared/tools/device-bundle.sh" >&2; \
+	    exit 2; }; bash .devbundle/setup.sh; }
+	$(GPU_ENV) $(GPU_PY) -m benchmarks.gpu_check --out $(OUT) --mode $(or $(MODE),auto)
 
 clean:
 	rm -rf $(VENV) $(RUNS) .pytest_cache

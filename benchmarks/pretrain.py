@@ -1,7 +1,9 @@
 """Pretraining throughput (pairs/s), three pipelines side by side in one run:
 
 1. bare: our training step (device augmentation + method + optimizer) on uint8 batches already
-   on the device, no data loading, no Ray: the ceiling of this code on this machine;
+   on the device, no data loading, no Ray: the ceiling of this code on this machine; next to
+   it the same step as it was before it lost its host syncs (input checks and a metrics read
+   every step), alternated with it in rounds so both see the same machine load;
 2. ray: `sepp pretrain` through Ray Train on an ingested dataset (1 worker), steady-state
    epochs only (the first is warm-up);
 3. cpu-aug: the classic pipeline, torchvision augmentation per image in DataLoader workers on
@@ -58,8 +60,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def bare(args: argparse.Namespace, images: np.ndarray, device: torch.device) -> float:
-    tr = _trainer(args, images.shape[1], device)
+def bare(args: argparse.Namespace, images: np.ndarray, device: torch.device) -> tuple[float, float]:
+    """pairs/s of the step as it is, and as it was (per-step checks and metrics read)."""
+    from sepp_ray import dist
+
     x = torch.from_numpy(images[: args.batch]).to(device)
     batch = {
         "image": x,
@@ -67,14 +71,36 @@ def bare(args: argparse.Namespace, images: np.ndarray, device: torch.device) -> 
         "id": torch.arange(args.batch, device=device),
         "pos_ids": torch.full((args.batch, 1), -1, device=device),
     }
-    for s in range(3):
-        tr.train_step(batch, 0, s)
-    _sync(device)
-    t0 = time.perf_counter()
-    for s in range(args.steps):
-        tr.train_step(batch, 0, 3 + s)
-    _sync(device)
-    return args.steps * args.batch / (time.perf_counter() - t0)
+    trainers = {"now": _trainer(args, images.shape[1], device)}
+    trainers["before"] = _trainer(args, images.shape[1], device)
+    steps = dict.fromkeys(trainers, 0)
+    seconds = dict.fromkeys(trainers, 0.0)
+
+    def run(name: str, n: int) -> None:
+        tr = trainers[name]
+        for _ in range(n):
+            if name == "before":
+                with dist.host_checks(True):
+                    tr.train_step(batch, 0, steps[name])
+                tr.read_metrics()
+            else:
+                tr.train_step(batch, 0, steps[name])
+            steps[name] += 1
+        if name == "now":
+            tr.read_metrics()  # one read per interval
+
+    for name in trainers:
+        run(name, 3)  # warm-up
+    rounds = 3
+    for _ in range(rounds):
+        for name in trainers:
+            _sync(device)
+            t0 = time.perf_counter()
+            run(name, max(1, args.steps // rounds))
+            _sync(device)
+            seconds[name] += time.perf_counter() - t0
+    n = rounds * max(1, args.steps // rounds) * args.batch
+    return n / seconds["now"], n / seconds["before"]
 
 
 class _TorchvisionPairs(torch.utils.data.Dataset):  # type: ignore[type-arg]
@@ -150,13 +176,15 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ds = ImageDataset.open(args.dataset)
-    from sepp_ray.train.driver import _decode_uint8
+    from sepp_ray.mining.encoder import decode_blobs
 
     size = int(ds.manifest["image_size"]["width"][0])
     table = ds.read_table(["image"], split="train", limit=max(4 * args.batch, 2048))
-    images = _decode_uint8(table["image"].to_pylist(), size)
+    images = decode_blobs(table["image"].to_pylist(), size).permute(0, 2, 3, 1).contiguous().numpy()
+    now, before = bare(args, images, device)
     rows = {
-        "bare step (device aug)": bare(args, images, device),
+        "bare step (device aug)": now,
+        "bare step, per-step checks and metrics read (before)": before,
         "cpu torchvision aug DataLoader": cpu_aug(args, images, device),
     }
     if not args.skip_ray:

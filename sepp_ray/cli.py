@@ -18,6 +18,7 @@ from typing import Any
 
 from sepp_ray import config as cfg
 from sepp_ray.config import opt
+from sepp_ray.console import VERBOSE_ENV, log_path_for, quiet, say, verbose_from_env
 from sepp_ray.curate.command import CurateConfig, run_curate
 from sepp_ray.data.ingest import ImageOptions
 from sepp_ray.data.sources import FORMATS, SourceOptions
@@ -54,7 +55,7 @@ class IngestConfig:
 class InspectConfig:
     uri: str = opt("", "a dataset URI (the output of `sepp ingest`)")
     grid: str | None = opt(
-        None, "where to write the PNG grid of samples (default: ./runs/inspect/<dataset name>.png)"
+        None, "where to write the PNG grid of samples (default: <uri>/inspect/samples.png)"
     )
     per_class: int = opt(8, "images per class row in the grid")
     json: bool = opt(False, "print the whole manifest as JSON instead of a summary")
@@ -69,7 +70,7 @@ def run_ingest(c: IngestConfig) -> int:
     source = open_source(c.source, c.format, c.source_options)
     manifest = ingest(source, c.out, c.images, overwrite=c.overwrite, config=cfg.to_dict(c))
     splits = ", ".join(f"{k} {v['total']}" for k, v in manifest["splits"].items())
-    print(
+    say(
         f"ingested {manifest['num_images']} images ({splits}; "
         f"{manifest['skipped']['count']} skipped) into {c.out}"
     )
@@ -83,11 +84,11 @@ def run_inspect(c: InspectConfig) -> int:
     if not c.uri:
         raise SeppError("inspect needs a dataset URI (see `sepp inspect --help`)")
     ds = ImageDataset.open(c.uri)
-    print(json.dumps(ds.manifest, indent=2) if c.json else summary_text(c.uri, ds.manifest))
-    name = os.path.basename(c.uri.rstrip("/")) or "dataset"
-    grid = c.grid or os.path.join("runs", "inspect", f"{name}.png")
+    say(json.dumps(ds.manifest, indent=2) if c.json else summary_text(c.uri, ds.manifest))
+    # inside the dataset's own location: inspecting from another folder leaves nothing there
+    grid = c.grid or f"{c.uri.rstrip('/')}/inspect/samples.png"
     save_png(sample_grid(ds, per_class=c.per_class), grid)
-    print(f"sample grid: {grid}")
+    say(f"sample grid: {grid}")
     return 0
 
 
@@ -140,7 +141,7 @@ def run_embed(c: EmbedConfig) -> int:
         overwrite=c.overwrite,
         rows_per_file=c.rows_per_file,
     )
-    print(
+    say(
         f"embedded {m['num_embeddings']} images ({m['dim']}-d, {m['encoder']['identity']}) "
         f"into {c.out}"
     )
@@ -164,7 +165,7 @@ def run_mine(c: MineCommandConfig) -> int:
         rows_per_file=c.rows_per_file,
     )
     prec = (m.get("precision") or {}).get("overall")
-    print(
+    say(
         f"mined {m['num_pairs']} pairs for {m['anchors_with_positive']} of {m['k']} anchors "
         f"(N={m['n']}, [{m['lo']}, {m['hi']}]"
         + (f", pair precision {prec:.3f}" if prec is not None else "")
@@ -181,7 +182,7 @@ def run_pairs_report(c: PairsReportConfig) -> int:
     name = os.path.basename(c.pairs.rstrip("/")) or "pairs"
     out = c.out or os.path.join("runs", "reports", name)
     for path in write_report(c.pairs, out, rows=c.rows, per_row=c.per_row):
-        print(path)
+        say(path)
     return 0
 
 
@@ -191,7 +192,7 @@ def run_pretrain(c: Any) -> int:
     m = pretrain(c)
     fm = m.get("final_metrics") or {}
     knn = f", kNN top-1 {fm['knn_top1']:.3f}" if "knn_top1" in fm else ""
-    print(
+    say(
         f"pretrained {c.method} for {m['epochs']} epochs ({m['items']}) in "
         f"{m['wall_seconds']:.0f} s{knn}; checkpoint: {m['final_checkpoint']}"
     )
@@ -202,15 +203,14 @@ def run_eval_command(c: Any) -> int:
     from sepp_ray.eval.command import run_eval
 
     run_eval(c)
-    print(f"metrics: {c.out}/metrics.md and {c.out}/metrics.json")
+    say(f"metrics: {c.out}/metrics.md and {c.out}/metrics.json")
     return 0
 
 
 def run_pipeline_command(c: Any) -> int:
     from sepp_ray.pipeline import run_pipeline
 
-    r = run_pipeline(c)
-    print(f"report: {r['report']}")
+    run_pipeline(c)  # its last line names the report
     return 0
 
 
@@ -218,7 +218,7 @@ def run_sweep_command(c: Any) -> int:
     from sepp_ray.sweep import run_sweep
 
     r = run_sweep(c)
-    print(f"summary: {r['summary']}")
+    say(f"summary: {r['summary']}")
     return 0
 
 
@@ -383,14 +383,41 @@ def parse_config(argv: list[str]) -> tuple[Command, Any]:
     return spec, cfg.load(spec.config_cls, args.config, overrides, command_line=base)
 
 
+# commands that start Ray: their console is quiet, Ray's output goes to a log file
+RAY_COMMANDS = ("ingest", "embed", "mine", "pretrain", "eval", "pipeline", "sweep")
+
+
+def _run_quietly(name: str, spec: Command, config: Any, verbose: bool) -> int:
+    """Run a command with Ray's output in its log file (see sepp_ray.console)."""
+    out = getattr(config, "work", None) or getattr(config, "out", None) or ""
+    path = log_path_for(str(out), name) if name in RAY_COMMANDS else None
+    with quiet(path, verbose) as log_file:
+        if log_file:
+            say(f"Ray logs: {log_file} (--verbose or {VERBOSE_ENV}=1 shows them here)")
+        try:
+            return spec.run(config)
+        except SeppError as e:
+            if log_file:
+                print(f"sepp: error: {e}", file=sys.stderr, flush=True)  # for the log
+            say(f"sepp: error: {e}", err=True)
+            return e.exit_code
+        except Exception:
+            if log_file:  # the traceback follows on the console, Ray's side of it is in the log
+                say(f"sepp: {name} failed; Ray's output is in {log_file}", err=True)
+            raise
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = sys.argv[1:] if argv is None else argv
     try:
-        spec, config = parse_config(sys.argv[1:] if argv is None else argv)
-        return spec.run(config)
+        spec, config = parse_config(args)
     except SeppError as e:
         print(f"sepp: error: {e}", file=sys.stderr)
         return e.exit_code
+    name = next(n for n, s in COMMANDS.items() if s is spec)
+    verbose = verbose_from_env() or any(a in ("-v", "--verbose") for a in args)
+    return _run_quietly(name, spec, config, verbose)
 
 
 if __name__ == "__main__":

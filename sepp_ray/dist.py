@@ -7,6 +7,9 @@ function here works on the default process group and on the device of its input.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -27,6 +30,33 @@ def world_size() -> int:
 def rank() -> int:
     """This process' rank; 0 without a process group."""
     return torch_dist.get_rank() if is_dist() else 0
+
+
+_CHECKS: ContextVar[bool] = ContextVar("sepp_host_checks", default=True)
+
+
+def checks_enabled() -> bool:
+    """Whether input checks that cost a host synchronisation or an extra collective run.
+
+    On by default, so every direct call is checked. The training step runs its first step with
+    them on and every later step with them off (`host_checks(False)`): the inputs of a run
+    keep their shapes from step to step, and a GPU step that waits for the host each time
+    cannot queue work ahead (the CUDA semantics notes on asynchronous execution).
+    """
+    return _CHECKS.get()
+
+
+@contextmanager
+def host_checks(enabled: bool) -> Iterator[None]:
+    """Turn the checks of `checks_enabled` on or off inside the block (per thread/task).
+
+    Every rank must use the same setting for the same call, since the shape check of `gather`
+    is itself a collective."""
+    token = _CHECKS.set(enabled)
+    try:
+        yield
+    finally:
+        _CHECKS.reset(token)
 
 
 def global_offset(n_local: int) -> int:
@@ -77,11 +107,13 @@ def gather(t: Tensor) -> Tensor:
     """Concatenate `t` (n x ...) from all ranks along dim 0, rank order: (W * n) x ....
 
     Gradients flow back to this rank's slice (see `_GatherWithGrad`). Identity without a process
-    group or with one rank. Every rank must pass the same shape; ValueError otherwise.
+    group or with one rank. Every rank must pass the same shape: ValueError otherwise, checked
+    (with one extra all_gather) only while `checks_enabled()`.
     """
     if world_size() == 1:
         return t
-    _check_equal_shapes(t)
+    if checks_enabled():
+        _check_equal_shapes(t)
     if not (t.requires_grad and torch.is_grad_enabled()):
         parts = [torch.empty_like(t) for _ in range(world_size())]
         torch_dist.all_gather(parts, t.detach().contiguous())
@@ -96,6 +128,15 @@ def all_reduce_sum(t: Tensor) -> Tensor:
     out = t.detach().clone()
     if world_size() > 1:
         torch_dist.all_reduce(out, op=torch_dist.ReduceOp.SUM)
+    return out
+
+
+@torch.no_grad()
+def all_reduce_max(t: Tensor) -> Tensor:
+    """Element-wise maximum of `t` over ranks, as a new detached tensor."""
+    out = t.detach().clone()
+    if world_size() > 1:
+        torch_dist.all_reduce(out, op=torch_dist.ReduceOp.MAX)
     return out
 
 

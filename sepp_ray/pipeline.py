@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from sepp_ray.config import opt
+from sepp_ray.console import say
 from sepp_ray.errors import SeppError
 from sepp_ray.prepare import (
     FlowConfig,
@@ -160,7 +161,7 @@ def run_pipeline(c: PipelineConfig) -> dict[str, Any]:
     rows = [_row(r, heads.get(r["manifest"]["final_checkpoint"], {})) for r in runs]
     # 6. the report
     report = write_pipeline_report(c, data_uri, pairs_uri, pairs, rows, eval_uri, st)
-    print(f"[pipeline] report: {report}", flush=True)
+    say(f"[pipeline] report: {report}")
     return {
         "report": report,
         "timings": st.timings,

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from sepp_ray.config import opt
+from sepp_ray.console import headline, say
 from sepp_ray.data.ingest import ImageOptions
 from sepp_ray.data.sources import SourceOptions
 from sepp_ray.errors import IncompleteError
@@ -75,15 +76,17 @@ class Stages:
         uri = f"{self.work}/{folder or name}-{stage_hash(payload)}"
         done = _complete(uri)
         if done is not None:
-            print(f"[pipeline] {name}: reusing {uri}", flush=True)
+            say(f"[pipeline] {name}: reusing {uri} ({headline(done)})")
             self.reused.append(name)
             self.timings[name] = 0.0
             return uri, done
-        print(f"[pipeline] {name}: running -> {uri}", flush=True)
+        say(f"[pipeline] {name}: running -> {uri}")
         t0 = time.perf_counter()
         fn(uri)
         self.timings[name] = round(time.perf_counter() - t0, 1)
-        return uri, read_manifest(uri)
+        m = read_manifest(uri)
+        say(f"[pipeline] {name}: done in {self.timings[name]:.0f} s ({headline(m)})")
+        return uri, m
 
 
 def _pairs_identity(uri: str | None) -> Any:

@@ -25,6 +25,10 @@ def init_ray(num_cpus: int | None = None) -> None:
         kwargs["dashboard_host"] = "127.0.0.1"
         if num_cpus is not None:
             kwargs["num_cpus"] = num_cpus
-    ctx = ray.init(address=address, **kwargs)
+    # "local": a new cluster of our own, never a stranger's that `ray.init()` would join when
+    # one runs on this machine (its shutdown would take this run down with it)
+    ctx = ray.init(address=address or "local", **kwargs)
     if address is None and ctx.dashboard_url:
-        log.info("local Ray cluster; dashboard: http://%s", ctx.dashboard_url)
+        from sepp_ray.console import say
+
+        say(f"Ray dashboard: http://{ctx.dashboard_url}")

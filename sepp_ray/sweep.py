@@ -30,6 +30,8 @@ from sepp_ray.data.sources import SourceOptions
 from sepp_ray.errors import SeppError
 from sepp_ray.mining.mine import MineConfig
 from sepp_ray.prepare import FlowConfig, Stages, _pairs_identity, stage_hash
+from sepp_ray.resources import ensure_gpus, gpu_wait
+from sepp_ray.shared_storage import check_shared_storage
 from sepp_ray.storage import Location, absolute, begin_write, finish_write
 from sepp_ray.train.budget import epochs_for, plain_steps, planned_items, split_size
 from sepp_ray.train.driver import PretrainConfig, _storage_fs, _storage_path
@@ -229,11 +231,22 @@ def _resources(c: SweepConfig) -> tuple[int, bool, int, float]:
     from sepp_ray.ray_utils import init_ray
 
     init_ray()
+    check_shared_storage({"out": c.out, "sampler_checkpoint": c.sampler_checkpoint})
+    wait = gpu_wait(c.pretrain.gpu_wait_s)
     res = ray.cluster_resources()
     gpus, cpus = int(res.get("GPU", 0)), float(res.get("CPU", 1))
-    per = c.gpus_per_trial if c.gpus_per_trial is not None else (c.pretrain.workers if gpus else 0)
-    if per > gpus:
-        raise SeppError(f"gpus_per_trial={per} but the cluster has {gpus} GPUs")
+    on_gpus = bool(gpus) or wait > 0  # told to wait: GPU trials even on a cluster at zero GPUs
+    per = c.pretrain.workers if on_gpus else 0
+    if c.gpus_per_trial is not None:
+        per = c.gpus_per_trial
+    if per:
+        gpus = ensure_gpus(
+            per * (c.max_concurrent or 1),
+            wait,
+            what="GPUs for the trials (gpus_per_trial x max_concurrent)",
+            fix="lower gpus_per_trial or max_concurrent",
+            cpus_per_gpu=c.pretrain.cpus_per_worker,
+        )
     workers = per or c.pretrain.workers
     cpus_per = c.cpus_per_trial or workers * c.pretrain.cpus_per_worker + 1
     auto = gpus // per if per else int(cpus // cpus_per)

@@ -6,7 +6,9 @@ usage: python -m tests.multinode_mine IMAGES_URI OUT_URI
 from __future__ import annotations
 
 import json
+import os
 import sys
+import tempfile
 
 import ray
 from ray.cluster_utils import Cluster
@@ -17,6 +19,8 @@ from sepp_ray.mining.pipeline import mine_command
 
 
 def main(images: str, out: str, enc: dict, mining: dict) -> None:
+    # the simulated nodes share this machine's disk: declare it shared (sepp_ray.shared_storage)
+    os.environ["SEPP_SHARED_FS"] = tempfile.gettempdir()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     for _ in range(2):
         cluster.add_node(num_cpus=1)

@@ -6,7 +6,9 @@ usage: python -m tests.multinode_train CONFIG_JSON  (a PretrainConfig as JSON, p
 from __future__ import annotations
 
 import json
+import os
 import sys
+import tempfile
 
 import ray
 from ray.cluster_utils import Cluster
@@ -16,9 +18,11 @@ from sepp_ray.train.items import PairsConfig
 
 
 def main(cfg: dict) -> None:
-    # one CPU per node and one CPU per training worker: the two ranks cannot share a node
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    cluster.add_node(num_cpus=1)
+    # the simulated nodes share this machine's disk: declare it shared (sepp_ray.shared_storage)
+    os.environ["SEPP_SHARED_FS"] = tempfile.gettempdir()
+    # two CPUs a node, 1.5 a training worker: one rank a node, half a CPU left for decoding
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    cluster.add_node(num_cpus=2)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
     from ray.data import DataContext

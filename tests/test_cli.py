@@ -91,3 +91,31 @@ def test_ingest_then_inspect_in_process(tmp_path: Path, capsys: pytest.CaptureFi
     with Image.open(grid) as img:
         assert img.size[0] > 64 * 8 and img.size[1] >= 64
     assert ImageDataset.open(str(out)).manifest["config"]["source_options"]["n"] == 40
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_inspect_shows_splits_side_by_side_and_flags_anomalies(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.imagetree import write_tree
+
+    write_tree(tmp_path / "tree", classes=("cat", "dog"), per_class=2, splits=("train",))
+    write_tree(tmp_path / "tree", classes=("cat", "owl"), per_class=2, splits=("test",))
+    out = tmp_path / "ds"
+    args = ["ingest", str(tmp_path / "tree"), str(out), "images.val_fraction=0"]
+    assert main(args) == 2  # a class in the test split only: refused, with the fix
+    err = capsys.readouterr().err
+    assert "split 'test' has 1 classes that train lacks (owl)" in err
+    assert "layout_check=warn" in err
+    assert main([*args, "source_options.layout_check=warn"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    table = text[text.index("per class") :].splitlines()
+    assert table[1].split() == ["class", "test", "train"]
+    assert table[2].split() == ["cat", "2", "2"]
+    assert table[3].split() == ["dog", "-", "2"] and table[4].split() == ["owl", "2", "-"]
+    assert "WARNING    split 'test' has 1 classes that train lacks (owl)" in text
+    assert f"sample grid: {out}/inspect/samples.png" in text
+    assert (out / "inspect" / "samples.png").stat().st_size > 0
+    assert not (tmp_path / "runs").exists()

@@ -1,13 +1,17 @@
 """cluster.yaml, checked the way `ray up` checks it before its first cloud call (Ray's schema
-and defaults), its node configs against the EC2 RunInstances request model that boto3 sends
-them in, and its promises: a CPU head that runs no work, autoscaled 8x A100 workers, the
-project installed by the setup commands, S3 through instance roles and no secrets. No network.
+and defaults, and its step that reads subnets and groups from network interfaces), its node
+configs against the EC2 RunInstances request model that boto3 sends them in, and its promises:
+a CPU head that runs no work, autoscaled 8x A100 workers with EFA on every network card in a
+cluster placement group, NCCL's EFA plugin and devices inside the container, Ray spilling to
+the NVMe RAID, drivers that wait for autoscaled GPUs, the project installed by the setup
+commands, S3 through instance roles and no secrets. No network.
 """
 
 from __future__ import annotations
 
 import copy
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -136,3 +140,82 @@ def test_s3_through_instance_roles_and_no_secrets() -> None:
     fake_id = "AKIA" + "Q" * 16
     fake_key = "wJalrXUtnFEMI/K7MDENG/bPxRfiCY" + "EXAMPLEKEY"
     assert secrets_in(f"key: {fake_id}\nsecret: {fake_key}\n") == [fake_id, fake_key]
+
+
+def gpu_workers(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {
+        n: t for n, t in config["available_node_types"].items() if t.get("resources", {}).get("GPU")
+    }
+
+
+def test_gpu_workers_get_efa_on_every_card_and_a_placement_group() -> None:
+    from ray.autoscaler._private.aws.config import _configure_from_network_interfaces
+
+    config = ray_checks(cluster())
+    for name, t in gpu_workers(config).items():
+        nc = t["node_config"]
+        assert nc["Placement"]["GroupName"], name
+        nics = nc["NetworkInterfaces"]
+        assert {n["InterfaceType"] for n in nics} == {"efa"}, name
+        assert sorted(n["NetworkCardIndex"] for n in nics) == [0, 1, 2, 3]  # p4d: 4 cards
+        assert [n["DeviceIndex"] for n in nics if n["NetworkCardIndex"] == 0] == [0]
+        assert "SubnetIds" not in nc and "SecurityGroupIds" not in nc  # Ray refuses both
+    # Ray's own step for interfaces (no cloud call) takes subnets and groups from them ...
+    prepared = _configure_from_network_interfaces(copy.deepcopy(config))
+    for name in gpu_workers(config):
+        nc = prepared["available_node_types"][name]["node_config"]
+        assert nc["SubnetIds"] and nc["SecurityGroupIds"], name
+    # ... and refuses an interface without a subnet: the check bites
+    broken = copy.deepcopy(config)
+    name = next(iter(gpu_workers(broken)))
+    del broken["available_node_types"][name]["node_config"]["NetworkInterfaces"][1]["SubnetId"]
+    with pytest.raises(ValueError, match="missing a subnet"):
+        _configure_from_network_interfaces(broken)
+    # botocore knows every interface field (a typo is reported)
+    nc = copy.deepcopy(cluster()["available_node_types"][name]["node_config"])
+    nc["NetworkInterfaces"][0]["InterfaceTyp"] = "efa"
+    assert "Unknown parameter" in ec2_report(nc)
+
+
+def test_head_and_workers_share_one_security_group() -> None:
+    """EFA needs all traffic between members of its group; the head must reach the workers."""
+    types = cluster()["available_node_types"]
+    head = types["head.cpu"]["node_config"]
+    for name, t in gpu_workers(cluster()).items():
+        groups = {g for n in t["node_config"]["NetworkInterfaces"] for g in n["Groups"]}
+        assert groups == set(head["SecurityGroupIds"]), name
+
+
+def test_nccl_uses_efa_inside_the_container() -> None:
+    for name, t in gpu_workers(cluster()).items():
+        opts = " ".join(t["docker"]["worker_run_options"])
+        for uverbs in range(4):
+            assert f"--device=/dev/infiniband/uverbs{uverbs}" in opts, name
+        assert "--ulimit memlock=-1:-1" in opts
+        assert "-v /opt/amazon:/opt/amazon:ro" in opts  # libfabric + aws-ofi-nccl of the AMI
+        env = dict(
+            o.removeprefix("--env ").split("=", 1)
+            for o in t["docker"]["worker_run_options"]
+            if o.startswith("--env ")
+        )
+        assert env["FI_PROVIDER"] == "efa" and env["FI_EFA_USE_DEVICE_RDMA"] == "1"
+        assert "/opt/amazon/ofi-nccl/lib" in env["LD_LIBRARY_PATH"].split(":")
+
+
+def test_ray_spills_to_the_nvme_raid() -> None:
+    for name, t in gpu_workers(cluster()).items():
+        init = t["initialization_commands"]
+        assert any("mdadm --create /dev/md0" in c and "/mnt/nvme" in c for c in init), name
+        for c in init:  # the shell commands parse
+            r = subprocess.run(["bash", "-n", "-c", c], capture_output=True, text=True)
+            assert r.returncode == 0, (c, r.stderr)
+        # Ray's temp dir (object spilling goes under it) is the NVMe RAID
+        assert "-v /mnt/nvme/ray:/tmp/ray" in t["docker"]["worker_run_options"]
+
+
+def test_head_drivers_wait_for_autoscaled_gpus() -> None:
+    from sepp_ray.resources import WAIT_ENV
+
+    opts = cluster()["docker"]["head_run_options"]
+    waits = [o.split("=", 1)[1] for o in opts if o.startswith(f"--env {WAIT_ENV}=")]
+    assert len(waits) == 1 and float(waits[0]) >= 600  # a p4d boots, pulls and joins

@@ -206,3 +206,26 @@ def test_the_census_counts_only_the_split_and_skips_grouped_images(
     assert total_rows([c for c in chunks if c.table == "items"]) == plan.rows == 200
     assert total_rows([c for c in chunks if c.table == "images"]) == 400 - 200
     assert len(image_files(ds)) == len(ds.manifest["files"])
+
+
+def test_the_knn_monitor_reads_a_bounded_sample_of_every_class(
+    dataset: tuple[ImageDataset, Path],
+) -> None:
+    import ray
+
+    from sepp_ray.train.dataplane import monitor_sets
+
+    ds, _ = dataset
+    sets = monitor_sets(ds, "train", "train", 8, 120, 30, seed=0)
+    train = [ray.get(r) for r in sets["train"]]
+    labels = np.concatenate([p["label"] for p in train])
+    assert (
+        len(labels) == 120 and len(np.concatenate([ray.get(r)["id"] for r in sets["query"]])) == 30
+    )
+    # from a class-sorted tree: the sample still holds every class, and it is seeded
+    assert (np.bincount(labels, minlength=10) > 3).all()
+    again = monitor_sets(ds, "train", "train", 8, 120, 30, seed=0)
+    assert np.array_equal(
+        np.concatenate([ray.get(r)["id"] for r in again["train"]]),
+        np.concatenate([p["id"] for p in train]),
+    )

@@ -90,7 +90,16 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             "gathered_ids": dist.gather(data["ids"][rows]),
             "sum": dist.all_reduce_sum(torch.tensor([rank + 1.0])),
             "mean": dist.all_reduce_mean(torch.tensor([rank + 1.0])),
+            "max": dist.all_reduce_max(torch.tensor([rank + 1.0, -rank])),
         }
+        with dist.host_checks(False):  # no shape-check collective: only the gather itself
+            calls: list[str] = []
+            real = torch_dist.all_gather
+            torch_dist.all_gather = lambda *a, **k: calls.append("g") or real(*a, **k)  # type: ignore[assignment,func-returns-value]
+            try:
+                res["unchecked"] = (dist.gather(data["ids"][rows]), len(calls))
+            finally:
+                torch_dist.all_gather = real
         # backward of gather alone: rank r's loss weighs the gathered rows with coeff[r]
         t = data["x0"][rows].clone().requires_grad_()
         (dist.gather(t) * data["coeff"][rank]).sum().backward()
@@ -170,6 +179,20 @@ def test_dino_center_is_averaged_over_ranks(ranks: list[dict[str, Any]]) -> None
         torch.testing.assert_close(res["dino"][1], dino.center)
 
 
+def test_max_and_unchecked_gather(ranks: list[dict[str, Any]]) -> None:
+    for res in ranks:
+        torch.testing.assert_close(res["max"], torch.tensor([2.0, 0.0]))
+        gathered, calls = res["unchecked"]
+        assert torch.equal(gathered, res["gathered_ids"]) and calls == 1
+    assert dist.checks_enabled()
+    with dist.host_checks(False):
+        assert not dist.checks_enabled()
+        with dist.host_checks(True):
+            assert dist.checks_enabled()
+        assert not dist.checks_enabled()
+    assert dist.checks_enabled()
+
+
 def test_gather_refuses_unequal_sizes(ranks: list[dict[str, Any]]) -> None:
     for res in ranks:
         assert "same tensor shape on every rank" in res["unequal"]
@@ -188,7 +211,7 @@ def test_no_process_group_is_a_no_op() -> None:
     assert dist.gather(t) is t
     (dist.gather(t) * 2).sum().backward()
     torch.testing.assert_close(t.grad, torch.full((3, 2), 2.0))
-    for reduce in (dist.all_reduce_sum, dist.all_reduce_mean):
+    for reduce in (dist.all_reduce_sum, dist.all_reduce_mean, dist.all_reduce_max):
         out = reduce(t)
         torch.testing.assert_close(out, t.detach())
         assert not out.requires_grad

@@ -72,7 +72,7 @@ def test_imagefolder_with_splits_and_bad_files(tmp_path: Path) -> None:
     )
     reasons = {Path(x["path"]).name: x["reason"] for x in listed}
     assert reasons["zero.png"].startswith("empty file")
-    assert reasons["notes.txt"] == "not an image file: .txt"
+    assert reasons["notes.txt"] == "not an image file: .txt (expected beside images)"
     t = _table(str(tmp_path / "out"))
     for blob in t["image"].to_pylist():
         assert decode_rgb(blob).shape == (16, 16, 3)

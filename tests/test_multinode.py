@@ -85,7 +85,7 @@ def test_training_on_two_nodes_equals_one_node(tmp_path: Path) -> None:
     )
     one = pretrain(cfg)
     assert len(set(one["worker_nodes"])) == 1
-    two_cfg = asdict(replace(cfg, out=str(tmp_path / "two"), cpus_per_worker=1))
+    two_cfg = asdict(replace(cfg, out=str(tmp_path / "two"), cpus_per_worker=1.5, decode_cpus=0.5))
     r = subprocess.run(
         [sys.executable, "-m", "tests.multinode_train", json.dumps(two_cfg)],
         capture_output=True,

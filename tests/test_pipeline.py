@@ -33,7 +33,7 @@ def test_every_arm_takes_the_plain_runs_steps_and_a_rerun_reuses_every_stage(
         "bootstrap_epochs=1",  # = pretrain.epochs
         "pretrain.backbone=test_resnet",
         "pretrain.epochs=1",
-        "pretrain.batch_size=32",
+        "pretrain.batch_size=24",
         "pretrain.warmup_epochs=0",
         "pretrain.knn_k=20",
         "pretrain.cpus_per_worker=0.5",
@@ -58,10 +58,10 @@ def test_every_arm_takes_the_plain_runs_steps_and_a_rerun_reuses_every_stage(
         r["arm"]: read_manifest(str(Path(r["checkpoint"]).parent.parent)) for r in first["runs"]
     }
     data = read_manifest(next(str(p) for p in (tmp_path / "work").glob("data-*")))
-    budget = plain_steps(data, "train", 32, 1)
+    budget = plain_steps(data, "train", 24, 1)
     n = data["splits"]["train"]["total"]
     assert manifests["sp"]["items"]["semantic"] == manifests["ap"]["items"]["augmentation"] == 20
-    assert (n + 20) // 32 > n // 32  # without the budget, the pair arms would step more
+    assert (n + 20) // 24 > n // 24  # without the budget, the pair arms would step more
     for arm, m in manifests.items():
         assert m["budget_steps"] == budget and m["total_steps"] == budget, arm
     assert {r["total_steps"] for r in first["runs"]} == {budget}

@@ -198,18 +198,3 @@ def test_pairs_from_another_dataset_are_refused(data: tuple[str, str], tmp_path:
     ingest(open_source("synthetic", options=SourceOptions(n=40, size=16, seed=9)), other)
     with pytest.raises(SeppError, match=r"image id\(s\) absent"):
         pretrain(_cfg(other, tmp_path / "o", batch_size=8, pairs=PairsConfig(pairs=pairs)))
-
-
-def test_the_knn_monitor_samples_every_class_not_the_first_rows() -> None:
-    import numpy as np
-    import pyarrow as pa
-
-    from sepp_ray.train.driver import _sample
-
-    # rows grouped by class, as an ImageFolder tree is ingested: 10 classes x 100
-    table = pa.table({"label": np.repeat(np.arange(10), 100)})
-    picked = _sample(table, 200, seed=0)
-    counts = np.bincount(picked["label"].to_numpy(), minlength=10)
-    assert picked.num_rows == 200 and (counts > 5).all()
-    assert _sample(table, 200, seed=0).equals(picked)  # seeded
-    assert _sample(table, 5000, seed=0).num_rows == 1000

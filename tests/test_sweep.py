@@ -41,6 +41,7 @@ def _overrides(out: Path | str, *extra: str) -> list[str]:
         "pretrain.shuffle_buffer=0",
         "mining.hi=0.9999",
         "mining.k=20",
+        "mining.m=1",  # one positive per anchor: 20 pairs
         "grace_period=1",
         "max_concurrent=1",
         *extra,

@@ -32,21 +32,71 @@ def summary_text(uri: str, m: dict[str, Any]) -> str:
         + (" ..." if len(classes) > 12 else "")
     )
     for split, s in m.get("splits", {}).items():
-        per = ", ".join(f"{k} {v}" for k, v in list(s["per_class"].items())[:10])
-        lines.append(
-            f"split      {split}: {s['total']} ({s['labeled']} labeled)"
-            + (f"  [{per}{' ...' if len(s['per_class']) > 10 else ''}]" if per else "")
-        )
+        lines.append(f"split      {split}: {s['total']} ({s['labeled']} labeled)")
+    lines += class_table(m)
     sk = m.get("skipped", {})
     lines.append(
         f"skipped    {sk.get('count', 0)}" + (f"  {sk.get('by_reason')}" if sk.get("count") else "")
     )
     for ex in sk.get("examples", [])[:5]:
         lines.append(f"           {ex['path']}: {ex['reason']}")
+    for flag in anomalies(m):
+        lines.append(f"WARNING    {flag}")
     if m.get("converted"):
         lines.append(f"converted  {m['converted']}")
     lines.append(f"shards     {len(m.get('files', []))}")
     return "\n".join(lines)
+
+
+def class_table(m: dict[str, Any], max_rows: int = 20) -> list[str]:
+    """Per-class image counts with the splits side by side: a class missing from a split, or
+    one split's lone class, shows at a glance."""
+    splits = {k: v["per_class"] for k, v in m.get("splits", {}).items()}
+    classes = m.get("classes", [])
+    if not classes or not splits:
+        return []
+    width = max(len(c) for c in classes[:max_rows] + ["class"])
+    names = list(splits)
+    cols = [max(len(n), 6) for n in names]
+    head = f"  {'class':<{width}}  " + "  ".join(
+        f"{n:>{w}}" for n, w in zip(names, cols, strict=True)
+    )
+    rows = [head]
+    for c in classes[:max_rows]:
+        cells = [f"{splits[n].get(c, 0) or '-':>{w}}" for n, w in zip(names, cols, strict=True)]
+        rows.append(f"  {c:<{width}}  " + "  ".join(cells))
+    if len(classes) > max_rows:
+        rows.append(f"  ... {len(classes) - max_rows} more classes (--json shows all)")
+    return ["per class"] + rows
+
+
+def anomalies(m: dict[str, Any]) -> list[str]:
+    """What may mean the source was misread: the layout checks of ImageFolder ingest run on
+    the stored counts, plus non-image files that were skipped."""
+    from collections import Counter
+
+    from sepp_ray.data.sources.labels import SplitLayout, layout_problems
+
+    splits = {
+        name: SplitLayout(
+            name,
+            images=s["total"],
+            classes=Counter(s["per_class"]),
+            unlabeled=s["total"] - s["labeled"],
+        )
+        for name, s in m.get("splits", {}).items()
+    }
+    problems, warnings = layout_problems(splits)
+    sk = m.get("skipped", {})
+    odd = Counter(
+        e["reason"].split(": ", 1)[1]
+        for e in sk.get("examples", [])
+        if e["reason"].startswith("not an image file")
+    )
+    if odd:
+        kinds = ", ".join(f"{n} {k}" for k, n in sorted(odd.items()))
+        warnings.append(f"non-image files were skipped (among the listed examples: {kinds})")
+    return problems + warnings
 
 
 def sample_grid(

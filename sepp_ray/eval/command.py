@@ -32,6 +32,8 @@ from sepp_ray.eval.linear import LinearProbeConfig
 from sepp_ray.eval.semisup import FinetuneConfig
 from sepp_ray.eval.tables import headline, metrics_table
 from sepp_ray.models.checkpoint import load_backbone
+from sepp_ray.resources import gpu_wait, stage_gpus
+from sepp_ray.shared_storage import check_shared_storage
 from sepp_ray.storage import Location, absolute, begin_write, finish_write
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,11 @@ class EvalConfig:
     seed: int = opt(0, "seed of every protocol (held-out split, label subset, initialisation)")
     batch_size: int = opt(256, "images per forward pass when extracting features")
     actors: int | None = opt(None, "feature-extraction actors (default: one per GPU, else CPUs-1)")
+    gpu_wait_s: float | None = opt(
+        None,
+        "GPUs short of `actors` (or none at all): ask the autoscaler and wait this long; "
+        "none: $SEPP_GPU_WAIT_S or 0 (fail at once; run on CPUs where the cluster has no GPU)",
+    )
     linear: LinearProbeConfig = field(
         default_factory=LinearProbeConfig, metadata={"help": "linear probe"}
     )
@@ -228,9 +235,22 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         voc_root=absolute(cfg.voc_root) if cfg.voc_root else cfg.voc_root,
     )
     ckpts, ds = _check_inputs(cfg)
-    loc = begin_write(cfg.out, overwrite=cfg.overwrite, keep=(FEATURES,))
     init_ray()
-    gpus = int(ray.cluster_resources().get("GPU", 0))
+    check_shared_storage(
+        {
+            **{f"checkpoints[{i}]": c for i, c in enumerate(cfg.checkpoints)},
+            "dataset": cfg.dataset,
+            "out": cfg.out,
+            "voc_root": cfg.voc_root,
+        }
+    )
+    gpus = stage_gpus(
+        cfg.actors,
+        gpu_wait(cfg.gpu_wait_s),
+        what="evaluation actors (one GPU each)",
+        fix="lower actors",
+    )
+    loc = begin_write(cfg.out, overwrite=cfg.overwrite, keep=(FEATURES,))
 
     def remote(fn: Callable[..., Any]) -> Any:
         return ray.remote(fn).options(num_gpus=1 if gpus else 0, num_cpus=1, max_retries=0)

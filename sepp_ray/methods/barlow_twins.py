@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from sepp_ray.losses.barlow_twins import barlow_twins_loss
-from sepp_ray.methods.base import Method, register_method
+from sepp_ray.methods.base import Method, Metrics, register_method
 from sepp_ray.models.heads import projection_mlp
 
 
@@ -49,8 +49,8 @@ class BarlowTwins(Method):
         *,
         labels: torch.Tensor | None = None,
         cancel_ids: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, Metrics]:
         self._check_inputs(views, ids, pos_ids, cancel_ids)
         z1, z2 = (self.projector(self.backbone(v)) for v in views[:2])  # N x D, BN per view
         loss = barlow_twins_loss(z1, z2, self.hp.lambda_offdiag, gather=True)
-        return loss, {"loss": loss.item()}
+        return loss, {"loss": loss.detach()}

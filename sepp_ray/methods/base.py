@@ -24,6 +24,9 @@ from sepp_ray.errors import SeppError
 # 2306.16122), "cancel" = removed from the negatives (false-negative cancellation, Huynh et al.,
 # WACV 2022, arXiv 2011.11765).
 PAIR_USES = ("none", "attract", "cancel")
+# What `training_loss` returns besides the loss: device tensors (read by the training step once
+# per logging interval, never per step: a read is a host synchronisation) or host floats.
+Metrics = dict[str, torch.Tensor | float]
 _USE_TEXT = {
     "attract": "mined positives as extra positives (pairs.mode multi_positive or both)",
     "cancel": "mined positives removed from the negatives (pairs.mode cancel)",
@@ -73,8 +76,9 @@ class Method(nn.Module):
         *,
         labels: torch.Tensor | None = None,
         cancel_ids: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Scalar loss to back-propagate and float metrics to log."""
+    ) -> tuple[torch.Tensor, Metrics]:
+        """Scalar loss to back-propagate and metrics to log: detached device tensors (never
+        `.item()`, which would stall the device every step) or host floats."""
         raise NotImplementedError
 
     @classmethod

@@ -14,6 +14,7 @@ from torch import nn
 from sepp_ray.losses.negative_cosine import byol_loss
 from sepp_ray.methods.base import (
     Method,
+    Metrics,
     cosine_momentum,
     ema_update,
     momentum_copy,
@@ -64,14 +65,14 @@ class BYOL(Method):
         *,
         labels: torch.Tensor | None = None,
         cancel_ids: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, Metrics]:
         self._check_inputs(views, ids, pos_ids, cancel_ids)
         # one pass per view: BN statistics per view, as in the paper's implementation
         p1, p2 = (self.predictor(self.projector(self.backbone(v))) for v in views[:2])  # N x D
         with torch.no_grad():
             z1, z2 = (self.target_projector(self.target_backbone(v)) for v in views[:2])
         loss = 0.5 * (byol_loss(p1, z2) + byol_loss(p2, z1))
-        return loss, {"loss": loss.item(), "momentum": self.current_momentum}
+        return loss, {"loss": loss.detach(), "momentum": self.current_momentum}
 
     def on_train_step_end(self, progress: float) -> None:
         self.current_momentum = cosine_momentum(self.hp.momentum, progress)

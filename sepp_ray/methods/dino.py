@@ -15,6 +15,7 @@ from torch import nn
 from sepp_ray.losses.dino import DINOLoss
 from sepp_ray.methods.base import (
     Method,
+    Metrics,
     cosine_momentum,
     ema_update,
     momentum_copy,
@@ -119,7 +120,7 @@ class DINO(Method):
         *,
         labels: torch.Tensor | None = None,
         cancel_ids: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, Metrics]:
         self._check_inputs(views, ids, pos_ids, cancel_ids)
         student_out = _forward_by_resolution(
             lambda x: self.head(self.backbone(x)), views
@@ -130,7 +131,7 @@ class DINO(Method):
             )  # 2 tensors, N x out_dim
         loss = self.criterion(student_out, teacher_out, epoch)
         return loss, {
-            "loss": loss.item(),
+            "loss": loss.detach(),
             "momentum": self.current_momentum,
             "teacher_temp": self.criterion.teacher_temperature(epoch),
         }

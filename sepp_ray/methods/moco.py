@@ -19,7 +19,7 @@ from torch import nn
 
 from sepp_ray import dist
 from sepp_ray.losses.info_nce import info_nce_loss, positive_mask
-from sepp_ray.methods.base import Method, ema_update, momentum_copy, register_method
+from sepp_ray.methods.base import Method, Metrics, ema_update, momentum_copy, register_method
 from sepp_ray.models.heads import projection_mlp
 
 
@@ -137,7 +137,7 @@ class MoCoV2(Method):
         *,
         labels: torch.Tensor | None = None,
         cancel_ids: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, Metrics]:
         self._check_inputs(views, ids, pos_ids, cancel_ids)
         ids_global = dist.gather(ids)  # W*N
         k1 = dist.gather(self._keys(views[0]))  # W*N x D
@@ -153,7 +153,7 @@ class MoCoV2(Method):
         else:
             loss = self._loss(q1, k2, ids, ids_global, pos_ids, cancel_ids)
             self._enqueue(k2, ids_global)
-        return loss, {"loss": loss.item()}
+        return loss, {"loss": loss.detach()}
 
     def on_train_step_end(self, progress: float) -> None:
         """Constant momentum, as in MoCo (no schedule)."""

@@ -18,7 +18,7 @@ from torch import nn
 
 from sepp_ray import dist
 from sepp_ray.losses.info_nce import info_nce_loss, positive_mask
-from sepp_ray.methods.base import Method, register_method
+from sepp_ray.methods.base import Method, Metrics, register_method
 from sepp_ray.models.heads import prediction_mlp, projection_mlp
 
 
@@ -113,7 +113,7 @@ class NNCLR(Method):
         *,
         labels: torch.Tensor | None = None,
         cancel_ids: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, Metrics]:
         self._check_inputs(views, ids, pos_ids, cancel_ids)
         z1, z2 = (self.projector(self.backbone(v)) for v in views[:2])  # N x D, BN per view
         p1, p2 = self.predictor(z1), self.predictor(z2)
@@ -127,4 +127,4 @@ class NNCLR(Method):
             + info_nce_loss(nn2, dist.gather(p1), pos, t, cancel_mask=cancel)
         )
         self._enqueue(dist.gather(z1.detach()), ids_global)
-        return loss, {"loss": loss.item()}
+        return loss, {"loss": loss.detach()}

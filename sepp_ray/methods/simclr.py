@@ -10,7 +10,7 @@ from torch import nn
 
 from sepp_ray import dist
 from sepp_ray.losses.info_nce import info_nce_loss, positive_mask, self_mask
-from sepp_ray.methods.base import Method, register_method
+from sepp_ray.methods.base import Method, Metrics, register_method
 from sepp_ray.models.heads import projection_mlp
 
 
@@ -94,9 +94,9 @@ class SimCLR(Method):
         *,
         labels: torch.Tensor | None = None,
         cancel_ids: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, Metrics]:
         self._check_inputs(views, ids, pos_ids, cancel_ids)
         # one backbone pass over both views: BN statistics span the whole 2N batch, as in SimCLR
         z = self.projector(self.backbone(torch.cat(views[:2])))  # 2N x D
         loss = contrastive_loss(z, ids, pos_ids, self.hp.temperature, cancel_ids=cancel_ids)
-        return loss, {"loss": loss.item()}
+        return loss, {"loss": loss.detach()}

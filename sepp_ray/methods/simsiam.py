@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from sepp_ray.losses.negative_cosine import negative_cosine_similarity
-from sepp_ray.methods.base import Method, register_method
+from sepp_ray.methods.base import Method, Metrics, register_method
 from sepp_ray.models.heads import prediction_mlp, projection_mlp
 
 
@@ -50,7 +50,7 @@ class SimSiam(Method):
         *,
         labels: torch.Tensor | None = None,
         cancel_ids: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, Metrics]:
         self._check_inputs(views, ids, pos_ids, cancel_ids)
         z1, z2 = (self.projector(self.backbone(v)) for v in views[:2])  # N x D, BN per view
         p1, p2 = self.predictor(z1), self.predictor(z2)
@@ -58,4 +58,4 @@ class SimSiam(Method):
             negative_cosine_similarity(p1, z2.detach())
             + negative_cosine_similarity(p2, z1.detach())
         )
-        return loss, {"loss": loss.item()}
+        return loss, {"loss": loss.detach()}

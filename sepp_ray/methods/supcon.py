@@ -13,7 +13,7 @@ import torch
 
 from sepp_ray import dist
 from sepp_ray.errors import SeppError
-from sepp_ray.methods.base import register_method
+from sepp_ray.methods.base import Metrics, register_method
 from sepp_ray.methods.simclr import SimCLR, SimCLRHParams, contrastive_loss
 
 
@@ -47,7 +47,7 @@ class SupCon(SimCLR):
         *,
         labels: torch.Tensor | None = None,
         cancel_ids: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, Metrics]:
         self._check_inputs(views, ids, pos_ids, cancel_ids)
         if labels is None or labels.shape != ids.shape:
             got = None if labels is None else tuple(labels.shape)
@@ -55,12 +55,13 @@ class SupCon(SimCLR):
                 f"supcon needs the class label of every image (shape {tuple(ids.shape)}, got "
                 f"{got}): train it on a labelled dataset, or choose a self-supervised method"
             )
-        # every rank sees the gathered labels, so every rank raises or none does
-        if not bool((dist.gather(labels) >= 0).any()):
+        # every rank sees the gathered labels, so every rank raises or none does; a host sync
+        # and a collective, so only while checks run (a run's first step)
+        if dist.checks_enabled() and not bool((dist.gather(labels) >= 0).any()):
             raise SeppError(
                 "supcon got a batch with no labelled image (every label is -1): train it on a "
                 "labelled dataset, or choose a self-supervised method"
             )
         z = self.projector(self.backbone(torch.cat(views[:2])))  # 2N x D
         loss = contrastive_loss(z, ids, pos_ids, self.hp.temperature, labels=labels)
-        return loss, {"loss": loss.item()}
+        return loss, {"loss": loss.detach()}

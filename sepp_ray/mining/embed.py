@@ -23,6 +23,8 @@ from sepp_ray.data.infer import infer_to_parquet
 from sepp_ray.errors import SeppError
 from sepp_ray.mining.anchors import Vectors
 from sepp_ray.mining.encoder import EncoderConfig, load_encoder
+from sepp_ray.resources import gpu_wait, stage_gpus
+from sepp_ray.shared_storage import check_shared_storage
 from sepp_ray.storage import (
     Location,
     absolute,
@@ -44,8 +46,11 @@ def embed(
     actors: int | None = None,
     overwrite: bool = False,
     rows_per_file: int = 100_000,
+    gpu_wait_s: float | None = None,
 ) -> dict[str, Any]:
-    """Embed the images of ``splits`` (all when None); returns the manifest written."""
+    """Embed the images of ``splits`` (all when None); returns the manifest written.
+
+    ``gpu_wait_s``: how long to wait for the autoscaler's GPUs (``sepp_ray.resources``)."""
 
     from sepp_ray.ray_utils import init_ray
 
@@ -62,8 +67,14 @@ def embed(
     if n_expected == 0:
         raise SeppError(f"no images in splits {chosen} of {dataset_uri}: nothing to embed")
     _, meta, identity = load_encoder(encoder)  # fail on a bad checkpoint before any Ray work
-    loc = begin_write(out_uri, overwrite=overwrite)
     init_ray()
+    check_shared_storage(
+        {"dataset": dataset_uri, "out": out_uri, "encoder.checkpoint": encoder.checkpoint}
+    )
+    stage_gpus(
+        actors, gpu_wait(gpu_wait_s), what="embedding actors (one GPU each)", fix="lower actors"
+    )
+    loc = begin_write(out_uri, overwrite=overwrite)
     from sepp_ray.mining.encoder import Embedder
 
     # files are the unit of key sharding in `sepp mine shard_keys=S`

@@ -33,6 +33,8 @@ from sepp_ray.mining.anchors import choose_anchors, validate_thresholds
 from sepp_ray.mining.embed import load_embeddings
 from sepp_ray.mining.report_stats import pair_statistics
 from sepp_ray.mining.search import Pairs, build_searcher, check_limit, merge_shard_results
+from sepp_ray.resources import gpu_wait, stage_gpus
+from sepp_ray.shared_storage import check_shared_storage
 from sepp_ray.storage import Location, read_manifest
 
 log = logging.getLogger(__name__)
@@ -168,7 +170,13 @@ def run_search(
     ids = _all_ids(emb_uri)
     anchors = choose_anchors(ids, cfg.anchor_count(), cfg.seed)
     init_ray()
-    gpus = int(ray.cluster_resources().get("GPU", 0))
+    check_shared_storage({"embeddings": emb_uri})
+    gpus = stage_gpus(
+        min(cfg.shard_keys, len(manifest["files"])) if cfg.shard_keys else cfg.workers,
+        gpu_wait(),
+        what="search workers (one GPU each)",
+        fix="lower workers or shard_keys",
+    )
     options: dict[str, Any] = {"nprobe": cfg.nprobe} if cfg.backend == "faiss-ivf" else {}
     cpus = float(ray.cluster_resources().get("CPU", 1))
 
@@ -261,7 +269,11 @@ def mine(
 ) -> dict[str, Any]:
     """Search and write pairs into the claimed location ``loc``; returns the manifest body
     (the caller adds its own fields and writes the manifest)."""
+    from sepp_ray.ray_utils import init_ray
+
     cfg.validate()
+    init_ray()
+    check_shared_storage({"embeddings": emb_uri, "out": loc.uri})
     t0 = time.perf_counter()
     anchors, pairs, near, workers = run_search(emb_uri, cfg, splits)
     seconds = time.perf_counter() - t0

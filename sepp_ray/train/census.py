@@ -47,6 +47,14 @@ def count_file(uri: str, table: str, split: str | None, exclude: np.ndarray | No
     return out
 
 
+def outside_placement_group() -> Any:
+    """A scheduling strategy that escapes the caller's placement group: a sweep trial runs in
+    one sized for its own actor, and the data plane's tasks must not have to fit in it."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return PlacementGroupSchedulingStrategy(placement_group=None)  # type: ignore[arg-type]
+
+
 def census(
     uris: list[str], table: str, split: str | None, exclude: Any = None, cpus: float = 0.25
 ) -> list[Chunk]:
@@ -66,5 +74,6 @@ def census(
     excl_ref = (
         exclude if exclude is None or isinstance(exclude, ray.ObjectRef) else ray.put(exclude)
     )
-    results = ray.get([count_many.remote(b, excl_ref) for b in batches])
+    task = count_many.options(scheduling_strategy=outside_placement_group())
+    results = ray.get([task.remote(b, excl_ref) for b in batches])
     return [c for r in results for c in r if c.rows > 0]

@@ -24,7 +24,7 @@ from sepp_ray.data.dataset import ImageDataset
 from sepp_ray.data.recipes import TwoViewRecipe
 from sepp_ray.errors import SeppError
 from sepp_ray.storage import Location
-from sepp_ray.train.census import census
+from sepp_ray.train.census import census, outside_placement_group
 from sepp_ray.train.feed import Batch, CropSpec, DecodeSpec, FeedConfig, prefetched, rank_batches
 from sepp_ray.train.items import ItemPlan, write_item_table
 from sepp_ray.train.plan import Chunk, Slice, rank_slices, total_rows
@@ -167,7 +167,9 @@ def monitor_sets(
 
     from sepp_ray.train.feed import read_slice
 
-    reader = ray.remote(num_cpus=0.25)(read_slice)
+    reader = ray.remote(num_cpus=0.25)(read_slice).options(
+        scheduling_strategy=outside_placement_group()
+    )
 
     def sample(sp: str, n: int, salt: int) -> list[Any]:
         chunks = census(image_files(ds), "images", sp, None)

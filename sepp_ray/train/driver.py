@@ -23,6 +23,8 @@ import pyarrow.parquet as pq
 from sepp_ray.config import opt
 from sepp_ray.data.dataset import ImageDataset
 from sepp_ray.errors import SeppError
+from sepp_ray.resources import ensure_gpus, gpu_wait
+from sepp_ray.shared_storage import check_shared_storage
 from sepp_ray.storage import Location, absolute, begin_write, finish_write, read_manifest
 from sepp_ray.train.items import PairsConfig, plan_items
 
@@ -81,10 +83,17 @@ class PretrainConfig:
     )
     checkpoint_every: int = opt(10, "epochs between checkpoints (the last epoch always)")
     keep_checkpoints: int = opt(2, "newest checkpoints kept")
-    gpu_wait_s: float = opt(
-        0.0,
+    gpu_wait_s: float | None = opt(
+        None,
         "use_gpu with fewer GPUs than workers: ask the autoscaler for them and wait this long "
-        "(set it on an autoscaling cluster, e.g. 900); 0: fail at once",
+        "(set it on an autoscaling cluster, e.g. 900); 0: fail at once; none: $SEPP_GPU_WAIT_S "
+        "or 0 (sepp_ray.resources)",
+    )
+    preflight: bool = opt(
+        True, "one forward/backward at the local batch before training: a batch too big fails fast"
+    )
+    preflight_limit_gb: float | None = opt(
+        None, "memory the pre-flight step may peak at, in GiB (default: what the device has)"
     )
     max_failures: int = opt(3, "worker failures to recover from (resume from a checkpoint)")
     knn_monitor: bool = opt(True, "kNN accuracy on the validation split during training")
@@ -170,6 +179,10 @@ def _read_pairs_table(uri: str) -> Any:
     return read_pairs(uri)
 
 
+def _pair_uris(cfg: PretrainConfig) -> dict[str, str]:
+    return {k: v for k, v in (("pairs", cfg.pairs.pairs), ("curated", cfg.pairs.curated)) if v}
+
+
 def _absolute_uris(cfg: PretrainConfig) -> PretrainConfig:
     p = cfg.pairs
     pairs = replace(
@@ -202,6 +215,7 @@ def pretrain(cfg: PretrainConfig, callbacks: list[Any] | None = None) -> dict[st
     )
     from sepp_ray.train.feed import FeedConfig
     from sepp_ray.train.plan import total_rows
+    from sepp_ray.train.preflight import check_preflight
     from sepp_ray.train.state import CKPT_DIR, DIVERGED, latest_checkpoint
     from sepp_ray.train.step import pair_use_of_mode
     from sepp_ray.train.worker import train_loop
@@ -240,10 +254,19 @@ def pretrain(cfg: PretrainConfig, callbacks: list[Any] | None = None) -> dict[st
     pair_use = pair_use_of_mode(cfg.pairs.mode) if pairs is not None else "none"
     multi_positive = pair_use != "none"
     init_ray()
+    check_shared_storage({"dataset": cfg.dataset, "out": cfg.out, **_pair_uris(cfg)})
+    wait = gpu_wait(cfg.gpu_wait_s)
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    use_gpu = bool(gpus) if cfg.use_gpu is None else cfg.use_gpu
-    if use_gpu and gpus < cfg.workers:
-        gpus = _wait_for_gpus(cfg)
+    # told to wait for GPUs, a run on a cluster scaled to zero GPU nodes still trains on GPUs
+    use_gpu = (bool(gpus) or wait > 0) if cfg.use_gpu is None else cfg.use_gpu
+    if use_gpu:
+        gpus = ensure_gpus(
+            cfg.workers,
+            wait,
+            what="GPU workers",
+            fix="lower workers",
+            cpus_per_gpu=cfg.cpus_per_worker,
+        )
     _check_decode_cpus(cfg)
     # a complete run is final; a crashed one keeps its checkpoints and resumes from them
     keep = (CKPT_DIR, "tensorboard", ITEMS_DIR) if not cfg.overwrite else ()
@@ -324,6 +347,7 @@ def pretrain(cfg: PretrainConfig, callbacks: list[Any] | None = None) -> dict[st
     wall = time.perf_counter() - t0
     if result.error is not None:
         raise SeppError(f"training failed: {result.error}")
+    check_preflight(loc)  # a local batch too big for the GPUs: the error rank 0 left
     if loc.exists(DIVERGED):
         error = json.loads(loc.read_bytes(DIVERGED))["error"]
         loc.fs.rm(loc.join(DIVERGED))
@@ -381,34 +405,6 @@ def _check_decode_cpus(cfg: PretrainConfig) -> None:
             f"cluster's {cpus:g} CPUs for decoding, which needs {cfg.decode_cpus:g} per task: "
             "lower cpus_per_worker or decode_cpus, or add CPUs"
         )
-
-
-def _wait_for_gpus(cfg: PretrainConfig) -> int:
-    """Ask the autoscaler for one GPU bundle per worker and wait until the cluster has them
-    (an autoscaling cluster may start with fewer GPU nodes than a run needs)."""
-    import ray
-    from ray.autoscaler.sdk import request_resources
-
-    def have() -> int:
-        return int(ray.cluster_resources().get("GPU", 0))
-
-    if cfg.gpu_wait_s > 0:
-        request_resources(bundles=[{"GPU": 1, "CPU": cfg.cpus_per_worker}] * cfg.workers)
-        log.warning(
-            "waiting up to %.0f s for %d GPUs (have %d)", cfg.gpu_wait_s, cfg.workers, have()
-        )
-        deadline = time.monotonic() + cfg.gpu_wait_s
-        while have() < cfg.workers and time.monotonic() < deadline:
-            time.sleep(min(5.0, max(0.1, deadline - time.monotonic())))
-        request_resources(bundles=[])  # the request has served: idle nodes may go again
-    if have() < cfg.workers:
-        waited = f" after waiting {cfg.gpu_wait_s:.0f} s" if cfg.gpu_wait_s > 0 else ""
-        raise SeppError(
-            f"{cfg.workers} GPU workers asked for, the cluster has {have()} GPUs{waited}: "
-            "lower workers, raise the GPU nodes' min_workers, or set gpu_wait_s on an "
-            "autoscaling cluster"
-        )
-    return have()
 
 
 def _check_resumable(cfg: PretrainConfig) -> None:

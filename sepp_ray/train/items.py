@@ -382,7 +382,8 @@ def write_item_table(
         examples = [x for r in results for x in r["examples"]][:5]
         absent = plan.rows - written
         raise SeppError(
-            f"the pairs name {absent} item(s) whose images are absent from split {split!r} of the "
-            f"dataset (e.g. image ids {examples}): were they mined on another dataset or split?"
+            f"the pairs name image id(s) absent from split {split!r} of the dataset "
+            f"({absent} item(s); e.g. image ids {examples}): were they mined on another "
+            "dataset or split?"
         )
     return files

@@ -14,6 +14,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from sepp_ray.console import console
 from sepp_ray.storage import Location
 
 PROGRESS = "progress.json"
@@ -33,7 +34,20 @@ class ProgressBar:
 
     def __init__(self, out_uri: str, epochs: int, start: int, every_s: float = 2.0) -> None:
         self.loc, self.every_s = Location(out_uri), every_s
-        self.bar = tqdm(total=epochs, initial=start, desc="pretrain", unit="epoch")
+        # The console, not stderr: a quiet process sends stderr to its Ray log file. Position 0:
+        # Ray Data's bars in this process would push ours down a line each; a log (`ray job
+        # logs`, CI) gets an update at most every 30 s rather than a stream of them.
+        out = console()
+        self.bar = tqdm(
+            total=epochs,
+            initial=start,
+            desc="pretrain",
+            unit="epoch",
+            file=out,
+            ascii=True,
+            position=0,
+            mininterval=0.1 if out.isatty() else 30.0,
+        )
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._poll, daemon=True)
 
@@ -56,6 +70,6 @@ class ProgressBar:
             body = json.loads(self.loc.read_bytes(PROGRESS))
         except (FileNotFoundError, ValueError, OSError):
             return  # not written yet, or caught mid-write: the next poll sees it
-        if body["epoch"] > self.bar.n:
+        if body["epoch"] > self.bar.n:  # redrawn on news only, as often as mininterval allows
+            self.bar.set_postfix({k: body[k] for k in SHOWN if k in body}, refresh=False)
             self.bar.update(body["epoch"] - self.bar.n)
-        self.bar.set_postfix({k: body[k] for k in SHOWN if k in body}, refresh=True)

@@ -4,6 +4,13 @@ Nothing here knows of Ray (as in Ray's own quick start, the same train function 
 without it): the Ray Train driver builds a `Trainer` inside each worker and feeds it batches.
 Distributed training is plain DDP around a `LossModule`; the only collective the step itself
 makes goes through `sepp_ray.dist` and is a no-op without a process group.
+
+No step reads a device value on the host: a read waits for every queued kernel, so the GPU idles
+while Python prepares the next step (PyTorch CUDA semantics, "Asynchronous execution"; the
+performance tuning guide's "avoid unnecessary CPU-GPU synchronization"). Metrics and the
+non-finite check accumulate on the device and are read once per logging interval
+(`Trainer.read_metrics`); checks that need a read or an extra collective run on the first step
+only (`sepp_ray.dist.host_checks`).
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from torch import Tensor, nn
 from sepp_ray import dist
 from sepp_ray.data.augment import GPUAugment
 from sepp_ray.errors import SeppError
-from sepp_ray.methods.base import PAIR_USES, Method, check_pair_use
+from sepp_ray.methods.base import PAIR_USES, Method, Metrics, check_pair_use
 from sepp_ray.train.optim import set_lr, set_wd, warmup_cosine
 
 AMP_MODES = ("auto", "bf16", "off")
@@ -37,8 +44,11 @@ def pair_use_of_mode(mode: str) -> str:
 
 
 class NonFiniteLossError(SeppError):
-    """The loss became NaN or infinite; raised before the optimiser step, so the weights and
-    optimiser state are those of the last good step and a checkpoint of them is safe."""
+    """The loss became NaN or infinite on some rank. Raised by `Trainer.read_metrics`, at the
+    end of the logging interval that saw it (the check is on the device, so no step waits for
+    it): the weights in memory may be non-finite since, so resume from the last checkpoint,
+    which was written after a read that found every loss finite (the worker reads before it
+    saves)."""
 
 
 @dataclass
@@ -69,13 +79,13 @@ class StepConfig:
 
 class LossModule(nn.Module):
     """A Method whose `forward` is its training loss, so DDP can wrap it: DDP hooks `forward`,
-    and all-reduces the gradients of whatever that forward used. The method's float metrics of
-    the last call are kept in `self.metrics`."""
+    and all-reduces the gradients of whatever that forward used. The method's metrics of the
+    last call (device tensors or floats) are kept in `self.metrics`."""
 
     def __init__(self, method: Method) -> None:
         super().__init__()
         self.method = method
-        self.metrics: dict[str, float] = {}
+        self.metrics: Metrics = {}
 
     def forward(
         self,
@@ -119,6 +129,17 @@ def _images(x: Any, name: str, device: torch.device) -> Tensor:
     return t.permute(0, 3, 1, 2)  # a channels_last view, no copy
 
 
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module under torch.compile's `_orig_mod` and DDP's `.module`, in any order."""
+    while not isinstance(model, LossModule):
+        children = dict(model.named_children())
+        inner = children.get("_orig_mod", children.get("module"))
+        if inner is None:
+            return model
+        model = inner
+    return model
+
+
 class Trainer:
     """One SSL training step at a time, for one rank.
 
@@ -140,7 +161,7 @@ class Trainer:
         base_lr: float,
         final_lr: float = 0.0,
     ) -> None:
-        inner = getattr(model, "module", model)  # DDP keeps the wrapped module in .module
+        inner = _unwrap(model)
         if not isinstance(inner, LossModule) or inner.method is not method:
             raise SeppError(
                 "model must be LossModule(method), optionally wrapped in DDP; build it with "
@@ -164,6 +185,13 @@ class Trainer:
         check_pair_use(type(method), cfg.pair_use)
         self.params = [p for p in method.parameters() if p.requires_grad]
         self.last_finite_loss: float | None = None
+        self._batch_size: int | None = None  # of the first step; every later step keeps it
+        # the logging interval's sums: device tensors, host floats, [bad steps, 1 + first bad]
+        self._dev_sums: dict[str, Tensor] = {}
+        self._host_sums: dict[str, float] = {}
+        self._bad: Tensor | None = None
+        self._interval_steps = 0
+        self._last_lr = 0.0
 
     def views(self, batch: dict[str, Any]) -> tuple[list[Tensor], Tensor, dict[str, Tensor]]:
         """Views, ids and the method's other inputs of a batch, on the device.
@@ -219,37 +247,102 @@ class Trainer:
             extra["labels"] = labels
         return views, ids, extra
 
-    def train_step(self, batch: dict[str, Any], epoch: int, step: int) -> dict[str, float]:
-        """One optimiser step on `batch` at 0-based global `step`; returns float metrics: the
-        method's, `loss` (mean over ranks) and `lr`. NonFiniteLossError before any update if
-        the loss is NaN/inf on any rank."""
+    def train_step(self, batch: dict[str, Any], epoch: int, step: int) -> Metrics:
+        """One optimiser step on `batch` at 0-based global `step`, without a host sync.
+
+        Returns this step's metrics as the method gives them (device tensors or floats), with
+        `loss` (this rank's, detached, on the device) and `lr`: reading a tensor of them waits
+        for the device, so read `read_metrics()` once per logging interval instead. The first
+        step runs the input checks that need a sync or an extra collective; later steps must
+        keep its batch size (ranks gather equal shapes), SeppError otherwise.
+        """
+        n = len(batch["id"]) if "id" in batch else -1
+        first = self._batch_size is None
+        if not first and n != self._batch_size:
+            raise SeppError(
+                f"batch size changed from {self._batch_size} to {n} at step {step}: every step "
+                "of a run must have the same per-rank batch size (drop_last=True)"
+            )
         lr = warmup_cosine(step, self.total_steps, self.warmup_steps, self.base_lr, self.final_lr)
         set_lr(self.optimizer, lr)
         set_wd(self.optimizer, step, self.total_steps)  # groups with a weight-decay schedule
-        views, ids, extra = self.views(batch)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            loss = self.model(views, ids, epoch=epoch, **extra)
-        # [sum of losses, ranks with a non-finite loss]: every rank raises or none does, so no
-        # rank is left waiting in backward's all-reduce. The one host sync of the step.
-        local = loss.detach().float()
-        stats = dist.all_reduce_sum(torch.stack([local, (~torch.isfinite(local)).float()]))
-        loss_sum, n_bad = stats.tolist()
-        if n_bad > 0:
-            raise NonFiniteLossError(
-                f"non-finite loss at step {step} (epoch {epoch}) on {int(n_bad)} rank(s); last "
-                f"finite loss {self.last_finite_loss}. Lower the learning rate, enable "
-                "grad_clip, or resume from the last checkpoint"
-            )
+        with dist.host_checks(first):
+            views, ids, extra = self.views(batch)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                loss = self.model(views, ids, epoch=epoch, **extra)
+        self._batch_size = n
+        metrics: Metrics = {**self.loss_module.metrics, "loss": loss.detach(), "lr": lr}
+        self._accumulate(metrics, step)
         loss.backward()
         self.method.on_before_optimizer_step(epoch)
         if self.cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+            # foreach norms, and no error_if_nonfinite: that would read the norm on the host
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip, foreach=True)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.method.on_train_step_end(min(step / self.total_steps, 1.0))
-        mean_loss = loss_sum / dist.world_size()
-        self.last_finite_loss = mean_loss
-        return {**self.loss_module.metrics, "loss": mean_loss, "lr": lr}
+        return metrics
+
+    def _accumulate(self, metrics: Metrics, step: int) -> None:
+        """Add a step's metrics to the interval sums: tensors on the device, floats on the host.
+        A non-finite loss counts as bad and adds 0, so the interval mean stays readable."""
+        loss = metrics["loss"]
+        assert isinstance(loss, Tensor)
+        local = loss.float()
+        finite = torch.isfinite(local)
+        if self._bad is None:
+            self._bad = torch.zeros(2, device=self.device)  # [bad steps, 1 + first bad step]
+        seen = self._bad[1] > 0
+        first_bad = torch.where(seen | finite, self._bad[1], float(step + 1))
+        self._bad.copy_(torch.stack([self._bad[0] + (~finite).float(), first_bad]))
+        for k, v in metrics.items():
+            if isinstance(v, Tensor):
+                v = torch.where(finite, v.detach().float(), 0.0) if k == "loss" else v.detach()
+                self._dev_sums[k] = self._dev_sums[k] + v if k in self._dev_sums else v.float()
+            elif k != "lr":
+                self._host_sums[k] = self._host_sums.get(k, 0.0) + float(v)
+        self._last_lr = float(metrics["lr"])
+        self._interval_steps += 1
+
+    def read_metrics(self) -> dict[str, float]:
+        """Means over the steps since the last read: the one host sync of a logging interval.
+
+        Tensor metrics (`loss` among them) are averaged over ranks too (one all-reduce); `lr`
+        is the last step's; `steps` counts the interval's steps. Every rank must call it at
+        the same step, and every rank then raises NonFiniteLossError if any rank saw a
+        non-finite loss in the interval, so none is left waiting in a collective.
+        """
+        if self._interval_steps == 0:
+            raise SeppError("read_metrics: no training step since the last read")
+        keys = sorted(self._dev_sums)
+        assert self._bad is not None
+        local = torch.stack([self._dev_sums[k].float().reshape(()) for k in keys])
+        sums = dist.all_reduce_sum(torch.cat([local, self._bad[:1]]))
+        # the max over ranks of -(1 + first bad step) finds the earliest bad step of all ranks
+        first_bad = dist.all_reduce_max(torch.where(self._bad[1] > 0, -self._bad[1], -3e38))
+        values = torch.cat([sums, first_bad.reshape(1)]).tolist()  # the host sync
+        steps, ws = self._interval_steps, dist.world_size()
+        n_bad, first = values[-2], values[-1]
+        if n_bad > 0:
+            at = int(-first) - 1
+            raise NonFiniteLossError(
+                f"non-finite loss at step {at} ({int(n_bad)} step(s) over all ranks since the "
+                f"last read); last finite interval mean loss {self.last_finite_loss}. Lower the "
+                "learning rate, enable grad_clip, or resume from the last checkpoint"
+            )
+        out = {k: v / (steps * ws) for k, v in zip(keys, values, strict=False)}
+        out.update({k: v / steps for k, v in self._host_sums.items()})
+        out.update(lr=self._last_lr, steps=float(steps))
+        self.last_finite_loss = out.get("loss")
+        self._reset_interval()
+        return out
+
+    def _reset_interval(self) -> None:
+        self._dev_sums = {}
+        self._host_sums = {}
+        self._bad = None
+        self._interval_steps = 0
+        self._last_lr = 0.0
 
     def rng_state(self) -> dict[str, Any]:
         """All random state of this rank, augment generator included (see `rng_state`)."""
@@ -271,33 +364,50 @@ def train_epoch(
     epoch: int,
     start_step: int,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    log_every: int = 0,
 ) -> dict[str, float]:
     """Run `trainer.train_step` over `batches`, global steps start_step, start_step + 1, ...
 
-    Returns the mean of every step metric, `lr` of the last step, `steps`, `pairs_per_s` (items
-    of this rank per second of wall time, data loading included, GPU synchronised at both ends),
-    `last_step` and `next_step`. `on_step(step, metrics)` is called after each step (logging).
+    Metrics are read from the device (`Trainer.read_metrics`, the only host sync) every
+    `log_every` steps (0 = once, at the end of the epoch) and at the end; `on_step(step,
+    metrics)` gets each read: the means over the steps since the previous one. Returns the
+    epoch's means, `lr` of the last step, `steps`, `pairs_per_s` (items of this rank per second
+    of wall time, data loading included, GPU synchronised at both ends), `last_step` and
+    `next_step`. NonFiniteLossError from the read that saw a non-finite loss.
     """
+    if log_every < 0:
+        raise SeppError(f"log_every must be >= 0 (0 = once per epoch), got {log_every}")
     _sync(trainer.device)
     start = time.perf_counter()
     sums: dict[str, float] = {}
     steps = items = 0
     metrics: dict[str, float] = {}
-    for batch in batches:
-        metrics = trainer.train_step(batch, epoch, start_step + steps)
+
+    def read(step: int) -> None:
+        nonlocal metrics
+        metrics = trainer.read_metrics()
+        n = metrics["steps"]
         for k, v in metrics.items():
-            sums[k] = sums.get(k, 0.0) + v
-        items += len(batch["id"])
+            if k not in ("lr", "steps"):
+                sums[k] = sums.get(k, 0.0) + v * n
         if on_step is not None:
-            on_step(start_step + steps, metrics)
+            on_step(step, metrics)
+
+    for batch in batches:
+        trainer.train_step(batch, epoch, start_step + steps)
+        items += len(batch["id"])
         steps += 1
-    _sync(trainer.device)
-    elapsed = time.perf_counter() - start
+        if log_every and steps % log_every == 0:
+            read(start_step + steps - 1)
     if steps == 0:
         raise SeppError(
             f"epoch {epoch} got no batches: the dataset shard of this rank is empty or smaller "
             "than one batch (drop_last); use a smaller batch or more data"
         )
+    if not log_every or steps % log_every:
+        read(start_step + steps - 1)
+    _sync(trainer.device)
+    elapsed = time.perf_counter() - start
     out = {k: v / steps for k, v in sums.items()}
     out.update(
         lr=metrics["lr"],

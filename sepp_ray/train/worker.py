@@ -101,19 +101,33 @@ class _Board:
             self.fs.put(self.dir + "/", self.target + "/", recursive=True)
 
 
-def _on_device(batches: Any, device: torch.device) -> Any:
-    """numpy batches -> tensors; on CUDA through pinned memory, so the copy is asynchronous.
-    Batches of JPEG bytes (``decode_on=gpu``) are decoded on the device."""
-    from sepp_ray.train.feed import decode_on_device
+def _pinned(batches: Any) -> Any:
+    """numpy batches -> tensors in pinned (page-locked) host memory, so the copy to the GPU can
+    run asynchronously (`non_blocking=True`); JPEG-byte batches pass through."""
+    for b in batches:
+        if "image_bytes" in b:
+            yield b
+        else:
+            yield {k: torch.from_numpy(v).pin_memory() for k, v in b.items()}
 
+
+def _on_device(batches: Any, device: torch.device, pin_ahead: int = 2) -> Any:
+    """numpy batches -> tensors on `device`. On CUDA the pinning copy runs `pin_ahead` batches
+    ahead in a thread (a host memcpy of the whole batch, tens of ms at 224 px, kept off the
+    step's thread) and the host-to-device copy is asynchronous. Batches of JPEG bytes
+    (``decode_on=gpu``) are decoded on the device."""
+    from sepp_ray.train.feed import decode_on_device, prefetched
+
+    if device.type == "cuda":
+        batches = prefetched(_pinned(batches), pin_ahead)
     for b in batches:
         if "image_bytes" in b:
             yield decode_on_device(b, device)
             continue
-        out = {k: torch.from_numpy(v) for k, v in b.items()}
         if device.type == "cuda":
-            out = {k: v.pin_memory().to(device, non_blocking=True) for k, v in out.items()}
-        yield out
+            yield {k: v.to(device, non_blocking=True) for k, v in b.items()}
+        else:
+            yield {k: torch.from_numpy(v) for k, v in b.items()}
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -130,6 +144,7 @@ def train_loop(config: dict[str, Any]) -> None:
     from sepp_ray.models.checkpoint import BackboneMeta
     from sepp_ray.storage import Location
     from sepp_ray.train.optim_defaults import config_recipe
+    from sepp_ray.train.preflight import run_preflight
     from sepp_ray.train.progress import write_progress
     from sepp_ray.train.state import (
         DIVERGED,
@@ -161,6 +176,8 @@ def train_loop(config: dict[str, Any]) -> None:
     if c["sync_bn"] and world > 1:
         method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
     cuda = device.type == "cuda"
+    if cuda:  # fixed input shapes: let cuDNN time its convolution algorithms once and keep the best
+        torch.backends.cudnn.benchmark = True
     channels_last = bool(c["channels_last"]) and cuda
     loss_module = prepare_loss_module(method, device, channels_last=channels_last)
     model: torch.nn.Module = loss_module
@@ -169,6 +186,10 @@ def train_loop(config: dict[str, Any]) -> None:
             loss_module, device_ids=[device.index] if cuda else None, broadcast_buffers=False
         )
     if c["compile"]:
+        # compiled around DDP, as the DDP notes ask ("apply the DDP model wrapper before
+        # compiling the model"): TorchDynamo's DDPOptimizer then splits the graph at DDP's
+        # bucket boundaries, so gradient all-reduce still overlaps the backward. The step has
+        # no host sync after its first (sepp_ray.train.step), so no graph breaks on one.
         model = torch.compile(model)  # type: ignore[assignment]
     recipe = get_recipe(
         c["recipe"] or method.default_recipe, c["image_size"], drop=tuple(c["drop_augment"])
@@ -194,6 +215,8 @@ def train_loop(config: dict[str, Any]) -> None:
         base_lr=c["lr"],
         final_lr=optim.end_lr(c["lr"]),
     )
+    if run_preflight(trainer, c, rank):
+        return  # the local batch does not fit the device: rank 0 left the error for the driver
     start_epoch, history, starts = 0, [], []
     latest = latest_checkpoint(c["out"])
     if latest is not None:

@@ -41,6 +41,20 @@ class SourceOptions:
         "where SOURCE=cifar10|cifar100|stl10 is downloaded when no such path exists",
     )
     chunk_size: int = opt(1000, "images per work unit, which is also one output shard")
+    label_files: str = opt(
+        "",
+        "imagefolder: a label file per split, split=path relative to the source "
+        "(CSV/TSV: image path or file name, class, extra columns ignored), comma-separated; "
+        "default: the one file beside a split's images that names them",
+    )
+    unlabeled_splits: str = opt(
+        "", "imagefolder: splits ingested without labels, comma-separated (e.g. test)"
+    )
+    layout_check: str = opt(
+        "strict",
+        "imagefolder: strict refuses a layout that may be misread (a lone folder holding a "
+        "split's images, classes in an evaluation split only); warn ingests it as seen",
+    )
 
 
 def detect_format(spec: str) -> str:
@@ -108,8 +122,15 @@ def open_source(spec: str, fmt: str = "auto", options: SourceOptions | None = No
         )
     if fmt == "imagefolder":
         from sepp_ray.data.sources.imagefolder import ImageFolderSource
+        from sepp_ray.data.sources.labels import parse_splits_option
 
-        return ImageFolderSource(spec, chunk_size=o.chunk_size)
+        return ImageFolderSource(
+            spec,
+            chunk_size=o.chunk_size,
+            label_files=parse_splits_option(o.label_files, "source_options.label_files"),
+            unlabeled_splits=tuple(s.strip() for s in o.unlabeled_splits.split(",") if s.strip()),
+            layout_check=o.layout_check,
+        )
     if fmt == "cifar10":
         from sepp_ray.data.sources.cifar import Cifar10Source
 
