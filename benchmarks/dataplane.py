@@ -105,11 +105,14 @@ def child_memory(root: str, mode: str) -> None:
     import ray
 
     from sepp_ray.data.dataset import ImageDataset
+    from sepp_ray.train.dataplane import item_table, training_chunks
+    from sepp_ray.train.items import PairsConfig, plan_items
+    from sepp_ray.train.plan import rank_slices, total_rows
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     ds = ImageDataset.open(root)
-    base = _rss_mb()
+    base = _rss_mb()  # after imports and ray.init: what grows from here is the data's
     peak = {"rss": base, "store": 0.0}
     total = ray.cluster_resources().get("object_store_memory", 0)
     stop = threading.Event()
@@ -128,10 +131,6 @@ def child_memory(root: str, mode: str) -> None:
         table = ds.read_table(["id", "image"], split="train")
         rows = table.num_rows
     else:
-        from sepp_ray.train.dataplane import item_table, training_chunks
-        from sepp_ray.train.items import PairsConfig, plan_items
-        from sepp_ray.train.plan import rank_slices, total_rows
-
         pairs = pq.read_table(Path(root) / "pairs.parquet")
         plan = plan_items(pairs, None, PairsConfig(pairs="x", mode="dataset"))
         out = tempfile.mkdtemp(prefix="sepp-bench-run-")

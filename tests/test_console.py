@@ -141,6 +141,7 @@ def _sepp(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Complet
     )
 
 
+@pytest.mark.slow  # repeats a pipeline run; the quiet console is tested above in seconds
 def test_tiny_pipeline_console_is_quiet(tmp_path: Path, ray_cluster: str) -> None:
     p = _sepp(["pipeline", *TINY, "work=work"], tmp_path, {"RAY_ADDRESS": ray_cluster})
     assert p.returncode == 0, p.stdout + p.stderr

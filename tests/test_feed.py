@@ -7,16 +7,8 @@ import pyarrow as pa
 import pytest
 
 from sepp_ray.errors import SeppError
-from sepp_ray.train.feed import (
-    CropSpec,
-    DecodeSpec,
-    ShuffleBuffer,
-    crop_box,
-    decode_on_device,
-    decode_rows,
-    pack,
-    units_of,
-)
+from sepp_ray.train.decode import CropSpec, DecodeSpec, crop_box, decode_on_device, decode_rows
+from sepp_ray.train.feed import ShuffleBuffer, pack, units_of
 from sepp_ray.train.plan import Chunk, rank_slices
 from tests.imagetree import encode, rgb
 

@@ -119,14 +119,17 @@ def _shards(tmp: Path, n_files: int = 3, per_file: int = 4) -> tuple[list[str], 
     return files, blobs
 
 
+@pytest.mark.parametrize("one_task_bytes", [2**28, 0], ids=["one-task", "ray-data-shuffle"])
 @pytest.mark.usefixtures("ray_cluster")
-def test_item_table_fetches_the_named_images_across_shards(tmp_path: Path) -> None:
+def test_item_table_fetches_the_named_images_across_shards(
+    tmp_path: Path, one_task_bytes: int
+) -> None:
     files, blobs = _shards(tmp_path)
     pairs = _pairs([100, 104, 111], [108, 101, 100])
     cfg = PairsConfig(pairs="x", mode="both", max_positives=2)
     plan = plan_items(pairs, None, cfg)
     fs, _ = filesystem(files[0])
-    out = write_item_table(plan, files, fs, "train", str(tmp_path / "items"))
+    out = write_item_table(plan, files, fs, "train", str(tmp_path / "items"), 0, one_task_bytes)
     rows = pa.concat_tables([pq.read_table(f) for f in out]).to_pylist()
     assert len(rows) == plan.rows
     for r in rows:

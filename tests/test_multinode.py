@@ -23,6 +23,7 @@ from sepp_ray.train.driver import PretrainConfig, pretrain
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # a simulated 3-node cluster: minutes on 2 cores
 @pytest.mark.usefixtures("ray_cluster")
 def test_three_nodes_give_the_same_pairs_as_one(tmp_path: Path) -> None:
     images = str(tmp_path / "img")
@@ -65,6 +66,7 @@ def test_three_nodes_give_the_same_pairs_as_one(tmp_path: Path) -> None:
     assert read_pairs(str(tmp_path / "one")).equals(read_pairs(str(tmp_path / "three")))
 
 
+@pytest.mark.slow  # two trainings and a 2-node cluster: minutes
 @pytest.mark.usefixtures("ray_cluster")
 def test_training_on_two_nodes_equals_one_node(tmp_path: Path) -> None:
     """2-rank DDP with its ranks on two nodes trains the same model as on one node."""

@@ -110,6 +110,7 @@ def test_a_crashed_run_resumes_from_its_last_checkpoint(
         pretrain(_cfg(images, out, epochs=2))
 
 
+@pytest.mark.slow  # end to end through Ray Train; the step's NaN handling is tested fast
 def test_a_diverging_run_stops_with_a_clear_error_and_keeps_the_good_checkpoint(
     data: tuple[str, str], tmp_path: Path
 ) -> None:

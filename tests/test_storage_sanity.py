@@ -49,6 +49,7 @@ def test_a_declared_shared_mount_passes(monkeypatch: pytest.MonkeyPatch) -> None
         check_shared_storage({"out": "/home/me/runs"}, nodes=2)
 
 
+@pytest.mark.slow  # a simulated cluster; the check itself is tested above
 @pytest.mark.usefixtures("ray_cluster")
 def test_a_two_node_cluster_refuses_a_local_path(tmp_path: Path) -> None:
     from tests.test_resources import fake_embeddings

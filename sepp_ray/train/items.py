@@ -348,33 +348,78 @@ def image_bytes(files: list[str], fs: Any, sample: int = 4) -> float:
     return size / max(rows, 1)
 
 
-def write_item_table(
-    plan: ItemPlan, image_files: list[str], fs: Any, split: str, out_uri: str, seed: int = 0
-) -> list[str]:
-    """Fetch the images the plan names and write the run's item table under ``out_uri``;
-    returns its files. A Ray Data job: read shards -> keep requested images -> hash-shuffle by
-    unit -> assemble -> write. Raises SeppError when pairs name images absent from ``split``."""
+ONE_TASK_BYTES = 2**28  # item tables needing less image data are assembled in one task
+
+
+def _in_one_task(
+    plan: ItemPlan, image_files: list[str], fs: Any, split: str, out_uri: str, seed: int, rg: int
+) -> list[dict[str, Any]]:
+    """A small item table without a shuffle: one task reads the shards' requested images
+    (bounded by ONE_TASK_BYTES), assembles every unit and writes one file."""
+    explode = _Explode(plan, split)
+    parts = []
+    for path in image_files:
+        with fs.open(path, "rb") as f:
+            t = pq.read_table(f, columns=["id", "image", "label", "split"])
+        parts.append(explode(t))
+    found = pa.concat_tables(parts)
+    out = _Write(out_uri, seed, rg)(_Assemble(plan)(found))
+    return [{k: v[0] for k, v in out.items()}]
+
+
+def _shuffled(
+    plan: ItemPlan, image_files: list[str], fs: Any, split: str, out_uri: str, seed: int, rg: int
+) -> list[dict[str, Any]]:
+    """A large item table: a Ray Data job (read shards -> keep requested images -> hash shuffle
+    by unit in partitions of ~256 MB of image bytes -> assemble -> write)."""
     import ray
 
-    if plan.rows == 0:
-        return []
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
+    ray.data.DataContext.get_current().enable_progress_bars = False
     ds = ray.data.read_parquet(image_files, filesystem=fs).select_columns(
         ["id", "image", "label", "split"]
     )
-    # partitions of at most ~256 MB of image bytes (an Arrow binary array stops at 2 GiB)
     need = plan.rows + int((plan.b >= 0).sum())
     parts = int(max(1, min(512, math.ceil(need * image_bytes(image_files, fs) / 2**28))))
     ds = ds.map_batches(_Explode(plan, split), batch_format="pyarrow")
     ds = ds.groupby("unit", num_partitions=parts).map_groups(
         _Assemble(plan), batch_format="pyarrow"
     )
+    ds = ds.map_batches(_Write(out_uri, seed, rg), batch_format="pyarrow", batch_size=None)
+    return ds.take_all()
+
+
+def write_item_table(
+    plan: ItemPlan,
+    image_files: list[str],
+    fs: Any,
+    split: str,
+    out_uri: str,
+    seed: int = 0,
+    one_task_bytes: int = ONE_TASK_BYTES,
+) -> list[str]:
+    """Fetch the images the plan names and write the run's item table under ``out_uri``;
+    returns its files. Up to ``one_task_bytes`` of needed images, one task assembles it; beyond,
+    a Ray Data hash shuffle does (`_shuffled`). Raises SeppError when pairs name images absent
+    from ``split``."""
+    import ray
+
+    if plan.rows == 0:
+        return []
+    from sepp_ray.train.census import outside_placement_group
+
     # row groups are the unit ranks take: small enough that even a small table spreads
     # over the epoch and the ranks (at least ~64 of them), at most ROW_GROUP rows
     row_group = int(np.clip(plan.rows // 64, 16, ROW_GROUP))
-    ds = ds.map_batches(_Write(out_uri, seed, row_group), batch_format="pyarrow", batch_size=None)
-    results = ds.take_all()
+    need = plan.rows + int((plan.b >= 0).sum())
+    need_bytes = need * image_bytes(image_files, fs)
+    # run outside any placement group (a sweep trial's is sized for its own actor)
+    where = {"scheduling_strategy": outside_placement_group()}
+    if need_bytes <= one_task_bytes:
+        task = ray.remote(num_cpus=0.5)(_in_one_task).options(**where)
+        results = ray.get(task.remote(plan, image_files, fs, split, out_uri, seed, row_group))
+    else:
+        task = ray.remote(num_cpus=0)(_shuffled).options(**where)
+        results = ray.get(task.remote(plan, image_files, fs, split, out_uri, seed, row_group))
     files = sorted(r["file"] for r in results if r["file"])
     missing = sum(int(r["missing"]) for r in results)
     written = sum(int(r["rows"]) for r in results)
