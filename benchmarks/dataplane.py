@@ -207,7 +207,8 @@ def throughput(tar: str, n: int, work: Path) -> list[dict[str, object]]:
     from sepp_ray.data.dataset import ImageDataset
     from sepp_ray.train.census import census
     from sepp_ray.train.dataplane import DataPlan, image_files
-    from sepp_ray.train.feed import CropSpec, DecodeSpec, FeedConfig, random_resized_crop
+    from sepp_ray.train.decode import CropSpec, DecodeSpec, random_resized_crop
+    from sepp_ray.train.feed import FeedConfig
     from sepp_ray.train.plan import total_rows
 
     ray.init(include_dashboard=False, log_to_driver=False)
@@ -234,7 +235,7 @@ def throughput(tar: str, n: int, work: Path) -> list[dict[str, object]]:
             FeedConfig(local_batch=batch, read_ahead=2 * cpus),
             batch,
             total_rows(chunks) // batch,
-            total_rows(chunks) // batch,
+            2 * (total_rows(chunks) // batch),  # two epochs: one to warm up, one timed
             0,
         )
         list(data.batches(0, 1, 0))  # warm the workers

@@ -119,7 +119,7 @@ def test_a_tiny_asha_sweep_ranks_stops_caches_and_reports(
         assert row["eval"] == {} and row["top1"] == row["history"][-1]["knn_top1"]
     summary = (out / "summary.md").read_text()
     assert all(f"| {row['trial']} |" in summary for row in rows)
-    assert "read lr on the 'val' split" in summary
+    assert "read lr on the 'train' split" in summary  # lr is a training metric, not val
     assert "1 stopped early by ASHA" in summary
     for png in ("acc_vs_threshold.png", "acc_vs_k.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
