@@ -125,7 +125,9 @@ def test_a_tiny_asha_sweep_ranks_stops_caches_and_reports(
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "results.json").read_text())["rows"][1]["trial"] == rows[1]["trial"]
     assert m["kind"] == "sweep" and m["restored"] is False
-    assert m["scheduler"]["name"] == "ASHA" and m["scheduler"]["grace_period"] == 1
+    # the grace period is given in plain-run epochs and applied in optimizer steps
+    assert m["scheduler"]["name"] == "ASHA" and m["scheduler"]["grace_period_epochs"] == 1
+    assert m["scheduler"]["grace_period"] == spe
     # Tune's TensorBoard logs, one event file per trial, for the dashboard
     assert len(glob.glob(f"{r['experiment']}/*/events.out.tfevents.*")) == 2
 
