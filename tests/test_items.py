@@ -13,6 +13,7 @@ import pytest
 
 from sepp_ray.errors import SeppError
 from sepp_ray.storage import filesystem
+from sepp_ray.train.item_table import write_item_table
 from sepp_ray.train.items import (
     AUGMENTATION,
     CURATED,
@@ -21,7 +22,6 @@ from sepp_ray.train.items import (
     PairsConfig,
     groups,
     plan_items,
-    write_item_table,
 )
 from tests.imagetree import encode, rgb
 

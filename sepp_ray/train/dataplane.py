@@ -26,7 +26,8 @@ from sepp_ray.errors import SeppError
 from sepp_ray.storage import Location
 from sepp_ray.train.census import census, outside_placement_group
 from sepp_ray.train.feed import Batch, CropSpec, DecodeSpec, FeedConfig, prefetched, rank_batches
-from sepp_ray.train.items import ItemPlan, write_item_table
+from sepp_ray.train.item_table import write_item_table
+from sepp_ray.train.items import ItemPlan
 from sepp_ray.train.plan import Chunk, Slice, rank_slices, total_rows
 
 log = logging.getLogger(__name__)
