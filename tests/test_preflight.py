@@ -8,6 +8,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -53,7 +54,8 @@ def trainer(method: str = "simclr") -> Trainer:
 def loop_config(out: Path, local_batch: int, limit: int | None, workers: int = 4) -> dict:
     return {
         "out": str(out),
-        "local_batch": local_batch,
+        # the worker's data plan: only the local batch is read here
+        "data": SimpleNamespace(feed=SimpleNamespace(local_batch=local_batch)),
         "image_size": SIZE,
         "workers": workers,
         "backbone": "test_resnet",

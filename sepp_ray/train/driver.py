@@ -307,16 +307,11 @@ def pretrain(cfg: PretrainConfig, callbacks: list[Any] | None = None) -> dict[st
     monitor = _monitor(ds, cfg, size)
     loop_cfg = {
         **{k: v for k, v in asdict(cfg).items() if k != "pairs"},
-        "epochs": epochs,
         "hparams": hparams,
         "image_size": size,
         "lr": lr,
-        "multi_positive": multi_positive,
         "pair_use": pair_use,
         "data": data,
-        "local_batch": cfg.batch_size // cfg.workers,
-        "steps_per_epoch": steps_per_epoch,
-        "total_steps": total_steps,
         "warmup_steps": min(optim.warmup_steps(steps_per_epoch, epochs), total_steps - 1),
         "monitor": monitor,
         "num_classes": max(1, len(ds.classes)),

@@ -188,7 +188,7 @@ def run_preflight(trainer: Trainer, c: dict[str, Any], rank: int) -> bool:
         return False
     gb = c.get("preflight_limit_gb")
     limit = None if gb is None else int(gb * GiB)
-    attempts = find_fit(trainer, int(c["local_batch"]), int(c["image_size"]), limit)
+    attempts = find_fit(trainer, c["data"].feed.local_batch, int(c["image_size"]), limit)
     error = preflight_error(
         attempts,
         workers=int(c["workers"]),

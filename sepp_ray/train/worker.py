@@ -210,7 +210,7 @@ def train_loop(config: dict[str, Any]) -> None:
             grad_clip=optim.grad_clip,
             pair_use=c["pair_use"],
         ),
-        total_steps=c["total_steps"],
+        total_steps=c["data"].total_steps,
         warmup_steps=c["warmup_steps"],
         base_lr=c["lr"],
         final_lr=optim.end_lr(c["lr"]),
@@ -248,7 +248,8 @@ def train_loop(config: dict[str, Any]) -> None:
     board = _Board(c["out"]) if rank == 0 else None
     data = c["data"]
     method.train()
-    for epoch in range(start_epoch, c["epochs"]):
+    epochs = c["data"].epochs  # the plan's: a step budget may stop the last one part way
+    for epoch in range(start_epoch, epochs):
         t0 = time.perf_counter()
         steps = data.steps_in(epoch)
         batches = _on_device(data.batches(epoch, world, rank), device)
@@ -269,12 +270,12 @@ def train_loop(config: dict[str, Any]) -> None:
             "pairs_per_s": stats["pairs_per_s"] * world,
             "epoch_seconds": time.perf_counter() - t0,
         }
-        if monitor is not None and ((epoch + 1) % c["knn_every"] == 0 or epoch + 1 == c["epochs"]):
+        if monitor is not None and ((epoch + 1) % c["knn_every"] == 0 or epoch + 1 == epochs):
             if rank == 0:
                 knn = knn_monitor(method, monitor, c["num_classes"], c["knn_k"], device, mean, std)
                 metrics["knn_top1"], metrics["knn_top5"] = knn["top1"], knn["top5"]
         history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-        save_now = (epoch + 1) % c["checkpoint_every"] == 0 or epoch + 1 == c["epochs"]
+        save_now = (epoch + 1) % c["checkpoint_every"] == 0 or epoch + 1 == epochs
         if save_now:
             rngs = [rng_state(augment, device)]
             if dist.is_dist():
@@ -310,6 +311,6 @@ def train_loop(config: dict[str, Any]) -> None:
         if board is not None:
             board.log(metrics, epoch + 1)
             shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch")
-            print(f"[sepp] epoch {epoch + 1}/{c['epochs']} {shown}", flush=True)
-            write_progress(c["out"], epoch + 1, c["epochs"], metrics)
+            print(f"[sepp] epoch {epoch + 1}/{epochs} {shown}", flush=True)
+            write_progress(c["out"], epoch + 1, epochs, metrics)
         ray.train.report(metrics)
