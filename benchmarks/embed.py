@@ -23,10 +23,11 @@ import numpy as np
 import torch
 
 from sepp_ray.data.dataset import ImageDataset
+from sepp_ray.data.decode import decode_blobs
 from sepp_ray.data.ingest import ImageOptions, ingest
 from sepp_ray.data.sources import open_source
 from sepp_ray.mining.embed import embed
-from sepp_ray.mining.encoder import EncoderConfig, decode_blobs, load_encoder
+from sepp_ray.mining.encoder import EncoderConfig, load_encoder
 from sepp_ray.ray_utils import init_ray
 from sepp_ray.storage import read_manifest
 

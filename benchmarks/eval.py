@@ -19,8 +19,8 @@ import time
 
 import torch
 
-from sepp_ray.eval.knn import knn_classify
 from sepp_ray.eval.linear import LinearProbeConfig, linear_probe
+from sepp_ray.models.knn import knn_classify
 
 HEADER = (
     "| date | device | N | M | D | C | kNN s | kNN top-1 | linear s (epochs x lrs) | linear top-1 |"

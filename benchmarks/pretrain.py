@@ -176,7 +176,7 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ds = ImageDataset.open(args.dataset)
-    from sepp_ray.mining.encoder import decode_blobs
+    from sepp_ray.data.decode import decode_blobs
 
     size = int(ds.manifest["image_size"]["width"][0])
     table = ds.read_table(["image"], split="train", limit=max(4 * args.batch, 2048))

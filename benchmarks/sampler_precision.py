@@ -21,9 +21,9 @@ from pathlib import Path
 
 from sepp_ray.data.ingest import ImageOptions, ingest
 from sepp_ray.data.sources import open_source
+from sepp_ray.mining.command import mine_command
 from sepp_ray.mining.encoder import EncoderConfig
 from sepp_ray.mining.mine import MineConfig
-from sepp_ray.mining.pipeline import mine_command
 from sepp_ray.storage import read_manifest
 from sepp_ray.train.driver import PretrainConfig, pretrain
 

@@ -152,7 +152,10 @@ def headline(manifest: dict[str, Any]) -> str:
     if "epochs" in manifest and "final_checkpoint" in manifest:
         knn = f", kNN top-1 {fm['knn_top1']:.3f}" if "knn_top1" in fm else ""
         loss = f", loss {fm['loss']:.3f}" if "loss" in fm else ""
-        return f"{manifest['epochs']} epochs{loss}{knn}"
+        # the epochs it ran: under a step budget a run with pair items runs fewer than asked
+        epochs = manifest.get("epochs_run", manifest["epochs"])
+        steps = f", {manifest['total_steps']} steps" if "total_steps" in manifest else ""
+        return f"{epochs} epochs{steps}{loss}{knn}"
     if "checkpoints" in manifest:
         return f"{len(manifest['checkpoints'])} checkpoints evaluated"
     return "done"

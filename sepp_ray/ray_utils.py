@@ -1,10 +1,13 @@
-"""Connecting to Ray: the only place the library decides which cluster it runs on."""
+"""Connecting to Ray (the only place the library decides which cluster it runs on) and getting
+results back from it with the project's own errors intact."""
 
 from __future__ import annotations
 
 import logging
 import os
 from typing import Any
+
+from sepp_ray.errors import SeppError
 
 log = logging.getLogger(__name__)
 
@@ -32,3 +35,26 @@ def init_ray(num_cpus: int | None = None) -> None:
         from sepp_ray.console import say
 
         say(f"Ray dashboard: http://{ctx.dashboard_url}")
+
+
+def ray_get(refs: Any, *, lost: tuple[str, str] | None = None) -> Any:
+    """``ray.get(refs)``, with a SeppError raised inside a task or actor surfacing as itself (its
+    message and exit status 2), not wrapped in a RayTaskError with a remote traceback.
+
+    ``lost``: (who, fix) for a dead actor, e.g. ("a search actor", "Give it more memory"):
+    Ray's error then becomes a SeppError "<who> died: <error>. <fix>"; without it, Ray's error
+    is raised as is.
+    """
+    import ray
+
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as e:
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, SeppError):
+            raise SeppError(str(cause)) from None
+        raise
+    except ray.exceptions.RayActorError as e:
+        if lost is None:
+            raise
+        raise SeppError(f"{lost[0]} died: {e}. {lost[1]}") from e

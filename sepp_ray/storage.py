@@ -87,6 +87,23 @@ def is_remote(uri: str) -> bool:
     return "://" in uri and uri.split("://", 1)[0] in ("s3", "s3a")
 
 
+def ray_storage_path(uri: str) -> str:
+    """``uri`` as Ray Train and Tune take a ``storage_path``: the bucket path without its
+    scheme for object storage (with `ray_storage_filesystem`), a local absolute path else."""
+    return filesystem(uri)[1] if is_remote(uri) else Location(uri).path
+
+
+def ray_storage_filesystem(uri: str) -> Any:
+    """The ``storage_filesystem`` for Ray Train and Tune: our fsspec filesystem of an object
+    store wrapped for pyarrow, so Ray reaches it with the same endpoint and credentials as the
+    rest of sepp-ray; None for a local path (Ray's own default)."""
+    if not is_remote(uri):
+        return None
+    import pyarrow.fs as pafs
+
+    return pafs.PyFileSystem(pafs.FSSpecHandler(filesystem(uri)[0]))
+
+
 @dataclass(frozen=True)
 class Location:
     """A directory-like place named by a URI, with its filesystem resolved."""

@@ -13,9 +13,9 @@ import tempfile
 import ray
 from ray.cluster_utils import Cluster
 
+from sepp_ray.mining.command import mine_command
 from sepp_ray.mining.encoder import EncoderConfig
 from sepp_ray.mining.mine import MineConfig
-from sepp_ray.mining.pipeline import mine_command
 
 
 def main(images: str, out: str, enc: dict, mining: dict) -> None:

@@ -91,6 +91,9 @@ def test_headlines() -> None:
     assert headline(pre) == "3 epochs"
     pre["final_metrics"] = {"loss": 1.23456, "knn_top1": 0.5}
     assert headline(pre) == "3 epochs, loss 1.235, kNN top-1 0.500"
+    # under a step budget a run with pair items runs fewer epochs than configured: shown so
+    pre.update(epochs_run=2, total_steps=30)
+    assert headline(pre) == "2 epochs, 30 steps, loss 1.235, kNN top-1 0.500"
     assert headline({"kind": "eval", "checkpoints": [1, 2]}) == "2 checkpoints evaluated"
 
 

@@ -11,9 +11,9 @@ from sepp_ray.curate.export import read_curated_manifest
 from sepp_ray.curate.session import Curation
 from sepp_ray.data.ingest import ingest
 from sepp_ray.data.sources import SourceOptions, open_source
+from sepp_ray.mining.command import mine_command
 from sepp_ray.mining.encoder import EncoderConfig
 from sepp_ray.mining.mine import MineConfig
-from sepp_ray.mining.pipeline import mine_command
 from sepp_ray.train.driver import PretrainConfig, pretrain
 from sepp_ray.train.items import PairsConfig
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -11,16 +12,17 @@ import numpy as np
 import pytest
 import torch
 
+from sepp_ray.data.dataset import ImageDataset, dataset_fingerprint
 from sepp_ray.errors import SeppError
 from sepp_ray.eval.command import EvalConfig, read_metrics, run_eval
 from sepp_ray.eval.detection import DetectionConfig
 from sepp_ray.eval.features import extract_features_local, load_features
-from sepp_ray.eval.knn import knn_classify
 from sepp_ray.eval.linear import LinearProbeConfig
 from sepp_ray.eval.semisup import FinetuneConfig
 from sepp_ray.eval.voc import write_toy_voc
 from sepp_ray.models.backbones import create_backbone
 from sepp_ray.models.checkpoint import BackboneMeta, save_backbone
+from sepp_ray.models.knn import knn_classify
 from sepp_ray.storage import read_manifest
 
 
@@ -162,3 +164,54 @@ def test_bad_inputs_fail_before_any_output(setup: dict[str, str], tmp_path: Path
         with pytest.raises(SeppError, match=msg):
             run_eval(small(setup, out, **kw))
         assert not Path(out).exists()
+
+
+@pytest.mark.parametrize(
+    "kw,message",
+    [
+        ({"protocols": ["knn", "nope"]}, "unknown protocol"),
+        ({"protocols": []}, "none given"),
+        ({"k": 0}, r"k \(kNN neighbours\)"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"protocols": ["semisup"], "label_fractions": []}, "needs label_fractions"),
+        ({"protocols": ["semisup"], "label_fractions": [0.1, 1.5]}, r"\(0, 1\]"),
+        ({"linear": LinearProbeConfig(epochs=0)}, "linear probe epochs"),
+    ],
+)
+def test_settings_are_checked_without_locations(kw: dict[str, Any], message: str) -> None:
+    EvalConfig(protocols=["knn", "linear", "semisup"]).validate_settings()  # no URI given
+    with pytest.raises(SeppError, match=message):
+        EvalConfig(**kw).validate_settings()
+    with pytest.raises(SeppError, match=message):  # and `sepp eval` checks them as well
+        EvalConfig(checkpoints=["c"], dataset="d", out="o", **kw).validate()
+
+
+def test_locations_are_checked_by_validate_only() -> None:
+    with pytest.raises(SeppError, match="checkpoint URI"):
+        EvalConfig(dataset="d", out="o").validate()
+    with pytest.raises(SeppError, match="dataset URI"):
+        EvalConfig(checkpoints=["c"], out="o").validate()
+    with pytest.raises(SeppError, match="voc_root"):
+        EvalConfig(checkpoints=["c"], out="o", protocols=["detection"]).validate()
+    EvalConfig(protocols=["detection"]).validate_settings()
+
+
+def test_dataset_identity_is_its_manifest_content() -> None:
+    manifest = {
+        "format_version": 1,
+        "created_unix": 1.5,
+        "kind": "images",
+        "num_images": 3,
+        "source": {"kind": "synthetic", "fingerprint": "abc"},
+        "options": {"resize": 32},
+        "files": [{"path": "shard-0.parquet", "rows": 3}],
+        "config": {"argv": ["sepp", "ingest"]},
+    }
+    fp = ImageDataset("x", manifest).fingerprint
+    # the features cache keys on this value: it must not change between versions
+    body = {k: v for k, v in manifest.items() if k not in ("created_unix", "config")}
+    assert fp == hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    assert dataset_fingerprint({**manifest, "created_unix": 9.0, "config": {}}) == fp
+    # the same source ingested at other settings is another dataset
+    assert dataset_fingerprint({**manifest, "options": {"resize": 64}}) != fp

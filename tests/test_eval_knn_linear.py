@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from sepp_ray.errors import SeppError
-from sepp_ray.eval.knn import knn_classify, knn_scores, topk_accuracy
 from sepp_ray.eval.linear import LinearProbeConfig, linear_probe
 from sepp_ray.eval.tables import ablation_table, headline, metrics_table
+from sepp_ray.models.knn import knn_classify, knn_scores, topk_accuracy
 
 C, D = 10, 32
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.gpu_check.feed import Setting, defaults, grid, verdict
 from benchmarks.gpu_check.parts import PARTS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,6 +38,36 @@ def test_gpu_check_tiny_mode(tmp_path: Path, ray_cluster: str) -> None:
     table = (tmp_path / "gpu_check.md").read_text()
     assert table.count("\n| ") >= len(figures) and "host syncs per step" in table
     assert "target 0: met" in r.stdout
+    # feed: the tiny grid (2 x 2, pageable only without CUDA), each setting measured
+    feed = report["parts"]["feed"]["figures"]
+    rates = {f["name"]: f["value"] for f in feed if f["name"].endswith(": batches/s")}
+    waits = [f["value"] for f in feed if f["name"].endswith(": waited")]
+    assert len(rates) == len(waits) == 4 and all(v > 0 for v in rates.values()), feed
+    assert all(0 <= w < 1 for w in waits), waits
+    assert f"feed {defaults(False).label()}: batches/s" in rates
+    best = figures["feed best setting"]["value"]
+    assert rates[f"feed {best}: batches/s"] == max(rates.values())
+    share = figures[f"feed defaults ({defaults(False).label()}) / best"]
+    assert 0 < share["value"] <= 1 and share["ok"] == (share["value"] >= 0.95)
+    assert "feed best setting" in table and (tmp_path / "feed.md").exists()
+
+
+def test_feed_grid_holds_the_defaults_and_pins_only_on_cuda() -> None:
+    full, tiny = grid(False, True), grid(True, False)
+    assert len(full) == 18 and defaults(True) in full and Setting(16, 4, False) in full
+    assert len(tiny) == 4 and defaults(False) in tiny and not any(s.pinned for s in tiny)
+    assert defaults(True).pinned and not defaults(False).pinned
+
+
+def test_feed_verdict_names_the_best_setting_and_the_defaults_share() -> None:
+    rows = [
+        {"read_ahead": 8, "prefetch_batches": 2, "pinned": False, "batches_per_s": 90.0},
+        {"read_ahead": 16, "prefetch_batches": 4, "pinned": False, "batches_per_s": 100.0},
+    ]
+    v = verdict(rows, Setting(8, 2, False))
+    assert v["best"] == "read_ahead 16, prefetch 4, pageable" and v["ratio"] == 0.9
+    assert not v["ok"]
+    assert verdict(rows[:1] + [{**rows[1], "batches_per_s": 94.0}], Setting(8, 2, False))["ok"]
 
 
 def test_gpu_check_refuses_an_unknown_part(tmp_path: Path) -> None:

@@ -79,10 +79,23 @@ def test_train_epoch_reads_once_per_interval() -> None:
     trainer = _trainer("simclr")
     trainer.train_step(_batch(0), 0, 0)
     trainer.read_metrics()
-    seen: list[int] = []
+    steps: list[int] = []
+    seen: list[int] = []  # the global step of each read
+    step, read = trainer.train_step, trainer.read_metrics
+
+    def train_step(batch: dict[str, Any], epoch: int, at: int) -> Any:
+        steps.append(at)
+        return step(batch, epoch, at)
+
+    def read_metrics() -> dict[str, float]:
+        seen.append(steps[-1])
+        return read()
+
+    trainer.train_step = train_step  # type: ignore[method-assign]
+    trainer.read_metrics = read_metrics  # type: ignore[method-assign]
     counter = SyncCounter()
     with counter.counting():
-        train_epoch(trainer, [_batch(s) for s in range(6)], 0, 1, lambda s, m: seen.append(s), 2)
+        train_epoch(trainer, [_batch(s) for s in range(6)], 0, 1, log_every=2)
     assert seen == [2, 4, 6] and dict(counter.seen) == {"Tensor.tolist": 3}
 
 

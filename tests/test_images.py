@@ -95,3 +95,20 @@ def test_the_decode_stage_hands_actors_the_same_pixels_as_decoding_in_place() ->
     np.testing.assert_array_equal(batch_pixels(staged, 8), batch_pixels(batch, 8))
     assert batch_pixels(staged.slice(2, 2), 8).shape == (2, 8, 8, 3)
     np.testing.assert_array_equal(batch_pixels(staged.slice(2, 2), 8), batch_pixels(batch, 8)[2:4])
+
+
+def test_the_evaluation_view_keeps_the_aspect_ratio_as_the_monitor_does() -> None:
+    """Embedding, evaluation and training's kNN monitor decode one way: shorter side to S,
+    then the central square (never a squash of a non-square image)."""
+    import pyarrow as pa
+
+    from sepp_ray.train.decode import DecodeSpec, decode_rows
+
+    arr = np.zeros((20, 40, 3), np.uint8)
+    arr[:, 10:30] = 255  # a white square in the middle of a black 40x20 image
+    blob = encode(arr, "PNG")
+    view = decode_rgb(blob, 10)
+    assert view.shape == (10, 10, 3) and view.min() > 200  # the centre, not a squashed image
+    table = pa.table({"id": [7], "label": [0], "image": [blob]})
+    monitor = decode_rows(table, DecodeSpec(mode="eval", size=10), np.random.default_rng(0))
+    np.testing.assert_array_equal(monitor["image"][0], view)

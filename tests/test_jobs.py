@@ -18,7 +18,7 @@ import yaml
 
 from sepp_ray.cli import COMMANDS, parse_config
 from sepp_ray.eval.command import EvalConfig
-from sepp_ray.pipeline import PipelineConfig, check_arms
+from sepp_ray.flow.pipeline import PipelineConfig, check_arms
 from sepp_ray.train.driver import PretrainConfig
 
 if sys.version_info >= (3, 11):
@@ -45,10 +45,11 @@ TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 def validate_tree(node: Any) -> None:
     """Call every ``validate`` in a config tree, as the commands do before their first Ray call.
-    A pretrain section inside a pipeline gets its URIs from the pipeline: placeholders here."""
+    A pretrain section inside a pipeline gets its URIs from the pipeline: its settings are
+    checked without them, as the pipeline does."""
     if isinstance(node, PretrainConfig) and not node.dataset:
-        node = dataclasses.replace(node, dataset="s3://b/d", out="s3://b/o")
-    if hasattr(node, "validate"):
+        node.validate_settings()
+    elif hasattr(node, "validate"):
         node.validate()
     for f in dataclasses.fields(node):
         value = getattr(node, f.name)

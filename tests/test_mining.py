@@ -19,12 +19,19 @@ import torch
 from sepp_ray.data.ingest import ingest
 from sepp_ray.data.sources import SourceOptions, open_source
 from sepp_ray.errors import IncompleteError, SeppError
-from sepp_ray.mining.embed import embed, load_embeddings
+from sepp_ray.mining.command import mine_command
+from sepp_ray.mining.embed import embed
 from sepp_ray.mining.encoder import EncoderConfig
 from sepp_ray.mining.mine import MineConfig
-from sepp_ray.mining.pairs_report import read_pairs, write_report
-from sepp_ray.mining.pipeline import mine_command
+from sepp_ray.mining.pairs_report import write_report
 from sepp_ray.mining.search import search_numpy
+from sepp_ray.mining.tables import (
+    embedding_ids,
+    embedding_labels,
+    load_embeddings,
+    read_embeddings,
+    read_pairs,
+)
 from sepp_ray.storage import begin_write, finish_write, read_manifest
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -160,7 +167,7 @@ def test_embeddings_of_other_splits_are_an_error(tmp_path: Path) -> None:
 
 def test_sharded_keys_equal_replicated(embeddings: str, tmp_path: Path) -> None:
     lo, hi = _band(embeddings)
-    _mine(embeddings, str(tmp_path / "rep"), lo=lo, hi=hi, k=0.5, workers=2)
+    _mine(embeddings, str(tmp_path / "rep"), lo=lo, hi=hi, k=0.5, actors=2)
     ms = _mine(embeddings, str(tmp_path / "sh"), lo=lo, hi=hi, k=0.5, shard_keys=3)
     assert len(ms["workers"]) == 3 and {w["keys"] for w in ms["workers"]} != {ms["n"]}
     assert read_pairs(str(tmp_path / "rep")).equals(read_pairs(str(tmp_path / "sh")))
@@ -312,3 +319,96 @@ def test_killed_mining_is_not_readable_and_a_rerun_completes(
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((out / "manifest.json").read_text())["num_pairs"] == 30
+
+
+def test_embeddings_reader_sorts_filters_and_reads_only_listed_files(tmp_path: Path) -> None:
+    uri = str(tmp_path / "e")
+    loc = begin_write(uri)
+    loc.fs.makedirs(loc.join("embeddings"), exist_ok=True)
+    files = {"b": [5, 1, 3], "a": [4, 0, 2], "stray": [99]}
+    for name, ids in files.items():
+        labels = pa.array([None if i == 3 else i % 2 for i in ids], pa.int64())
+        vecs = np.array([[i, -i] for i in ids], np.float32).reshape(-1)
+        t = pa.table(
+            {
+                "id": pa.array(ids, pa.int64()),
+                "label": labels,
+                "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vecs), 2),
+            }
+        )
+        pq.write_table(t, loc.join(f"embeddings/{name}.parquet"))
+    listed = [{"path": f"embeddings/{n}.parquet", "rows": 3} for n in ("b", "a")]
+    finish_write(loc, {"kind": "embeddings", "num_embeddings": 6, "dim": 2, "files": listed})
+    v, labels = load_embeddings(uri)
+    assert v.ids.tolist() == [0, 1, 2, 3, 4, 5]  # sorted; the stray file is not read
+    assert v.numpy()[:, 1].tolist() == [0, -1, -2, -3, -4, -5]
+    assert labels.tolist() == [0, 1, 0, -1, 0, 1]
+    assert embedding_ids(uri).tolist() == [0, 1, 2, 3, 4, 5]
+    assert embedding_labels(uri) == {0: 0, 1: 1, 2: 0, 3: -1, 4: 0, 5: 1}
+    v, labels = load_embeddings(uri, files=[0], ids=np.array([4, 5, 1]))
+    assert v.ids.tolist() == [1, 5] and labels.tolist() == [1, 1]
+    v, labels = load_embeddings(uri, files=[])
+    assert v.numpy().shape == (0, 2) and labels.shape == (0,)
+    assert read_embeddings(uri, ["id", "label"]).column_names == ["id", "label"]
+    finish_write(begin_write(str(tmp_path / "p")), {"kind": "pairs", "files": {}})
+    with pytest.raises(SeppError, match="not embeddings"):
+        read_embeddings(str(tmp_path / "p"), ["id"])
+    with pytest.raises(SeppError, match="not mined pairs"):
+        read_pairs(uri)
+
+
+def test_unlabeled_embeddings_have_no_labels(tmp_path: Path) -> None:
+    uri = str(tmp_path / "u")
+    loc = begin_write(uri)
+    loc.fs.makedirs(loc.join("embeddings"), exist_ok=True)
+    t = pa.table(
+        {
+            "id": pa.array([0, 1], pa.int64()),
+            "label": pa.array([None, None], pa.int64()),
+            "embedding": pa.FixedSizeListArray.from_arrays(
+                pa.array([1.0, 0, 0, 1], pa.float32()), 2
+            ),
+        }
+    )
+    pq.write_table(t, loc.join("embeddings/a.parquet"))
+    files = [{"path": "embeddings/a.parquet", "rows": 2}]
+    finish_write(loc, {"kind": "embeddings", "num_embeddings": 2, "dim": 2, "files": files})
+    assert embedding_labels(uri) is None
+
+
+def _fail(message: str) -> None:
+    raise SeppError(message)
+
+
+class _Worker:
+    def ping(self) -> int:
+        return 1
+
+    def die(self) -> None:  # the process ends as an out-of-memory kill would end it
+        os._exit(1)
+
+
+def test_ray_get_surfaces_project_errors_and_names_a_lost_actor() -> None:
+    import ray
+
+    from sepp_ray.ray_utils import ray_get
+
+    with pytest.raises(SeppError, match="^the fix is to do X$"):
+        ray_get(ray.remote(_fail).options(num_cpus=0).remote("the fix is to do X"))
+    with pytest.raises(ray.exceptions.RayTaskError):  # other errors stay Ray's
+        ray_get(ray.remote(lambda: 1 / 0).options(num_cpus=0).remote())
+    actor = ray.remote(_Worker).options(num_cpus=0).remote()
+    assert ray_get(actor.ping.remote()) == 1
+    with pytest.raises(SeppError, match="(?s)^a search actor died: .*Give it more memory$"):
+        ray_get(actor.die.remote(), lost=("a search actor", "Give it more memory"))
+
+
+def test_search_actors_take_their_former_name_workers() -> None:
+    # `workers` is pretraining's word (Ray Train workers); mining's is `actors`, as in embed
+    assert MineConfig(actors=3).search_actors == 3
+    assert MineConfig(workers=2).search_actors == 2  # an older config still runs as written
+    MineConfig(workers=2, actors=2).validate()
+    with pytest.raises(SeppError, match="disagree: set actors only"):
+        MineConfig(workers=2, actors=3).validate()
+    with pytest.raises(SeppError, match="actors=0 must be >= 1"):
+        MineConfig(actors=0).validate()

@@ -17,6 +17,7 @@ from sepp_ray.models import (
     projection_mlp,
 )
 from sepp_ray.models import backbones as backbones_mod
+from sepp_ray.registry import Registry
 
 
 def _stem(model: Any, x: torch.Tensor) -> torch.Tensor:
@@ -69,22 +70,22 @@ def test_vit_cifar_stem_forward_32px() -> None:
         assert model.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 384)
 
 
-def test_alias_registry() -> None:
+def test_alias_registry(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "resnet18_cifar" in list_backbones()
     model, dim = create_backbone("resnet18_cifar")
     assert dim == 512 and isinstance(model.maxpool, nn.Identity)
 
-    @backbones_mod.register_backbone("_test_tiny")
+    fresh: Registry[backbones_mod.BackboneFactory] = Registry("backbone alias")
+    monkeypatch.setattr(backbones_mod, "BACKBONES", fresh)
+
+    @fresh.register("_test_tiny")
     def _tiny(cifar_stem: bool = False, pretrained: bool = False) -> tuple[nn.Module, int]:
         return nn.Sequential(nn.Flatten(), nn.LazyLinear(7)), 7
 
-    try:
-        assert "_test_tiny" in list_backbones()
-        assert create_backbone("_test_tiny")[1] == 7
-        with pytest.raises(ValueError, match="already registered"):
-            backbones_mod.register_backbone("_test_tiny")(_tiny)
-    finally:
-        del backbones_mod._BACKBONES["_test_tiny"]
+    assert "_test_tiny" in list_backbones()
+    assert create_backbone("_test_tiny")[1] == 7
+    with pytest.raises(ValueError, match="already registered"):
+        fresh.register("_test_tiny")(_tiny)
 
 
 def test_unknown_backbone_error() -> None:

@@ -14,10 +14,10 @@ import pytest
 
 from sepp_ray.data.ingest import ingest
 from sepp_ray.data.sources import SourceOptions, open_source
+from sepp_ray.mining.command import mine_command
 from sepp_ray.mining.encoder import EncoderConfig
 from sepp_ray.mining.mine import MineConfig
-from sepp_ray.mining.pairs_report import read_pairs
-from sepp_ray.mining.pipeline import mine_command
+from sepp_ray.mining.tables import read_pairs
 from sepp_ray.train.driver import PretrainConfig, pretrain
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,7 +29,7 @@ def test_three_nodes_give_the_same_pairs_as_one(tmp_path: Path) -> None:
     images = str(tmp_path / "img")
     ingest(open_source("synthetic", options=SourceOptions(n=160, size=16, chunk_size=40)), images)
     enc = EncoderConfig(name="resnet18", cifar_stem=True, image_size=16, batch_size=32)
-    mining = MineConfig(lo=-1.0, hi=0.9999, k=0.5, m=2, workers=3)
+    mining = MineConfig(lo=-1.0, hi=0.9999, k=0.5, m=2, actors=3)
     one = mine_command(
         images,
         str(tmp_path / "one"),
@@ -61,7 +61,7 @@ def test_three_nodes_give_the_same_pairs_as_one(tmp_path: Path) -> None:
     )
     assert r.returncode == 0, r.stderr[-3000:]
     nodes = json.loads(r.stdout.split("NODES", 1)[1].splitlines()[0])
-    assert len(nodes) == 3, "the three search workers should spread over the three nodes"
+    assert len(nodes) == 3, "the three search actors should spread over the three nodes"
     assert one["num_pairs"] > 0
     assert read_pairs(str(tmp_path / "one")).equals(read_pairs(str(tmp_path / "three")))
 

@@ -11,7 +11,7 @@ import pytest
 
 from sepp_ray.config import load
 from sepp_ray.errors import SeppError
-from sepp_ray.pipeline import ARMS, PipelineConfig, arm_pairs, run_pipeline, summarize
+from sepp_ray.flow.pipeline import ARMS, PipelineConfig, arm_pairs, run_pipeline, summarize
 from sepp_ray.storage import read_manifest
 from sepp_ray.train.budget import epochs_for, plain_steps, planned_items
 

@@ -8,7 +8,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
-from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -27,7 +27,7 @@ from sepp_ray.train.preflight import (
     run_preflight,
     step_peak,
 )
-from sepp_ray.train.step import StepConfig, Trainer, prepare_loss_module
+from sepp_ray.train.step import StepConfig, Trainer, prepare_loss_module, rng_state
 
 SIZE = 16
 
@@ -51,17 +51,21 @@ def trainer(method: str = "simclr") -> Trainer:
     return Trainer(loss_module, m, augment, optimizer, StepConfig(amp="off"), 10, 1, base_lr=0.1)
 
 
-def loop_config(out: Path, local_batch: int, limit: int | None, workers: int = 4) -> dict:
-    return {
-        "out": str(out),
-        # the worker's data plan: only the local batch is read here
-        "data": SimpleNamespace(feed=SimpleNamespace(local_batch=local_batch)),
-        "image_size": SIZE,
-        "workers": workers,
-        "backbone": "test_resnet",
-        "preflight": True,
-        "preflight_limit_gb": None if limit is None else limit / GiB,
-    }
+def preflight(
+    t: Trainer, out: Path, local_batch: int, limit: int | None, rank: int = 0, **kw: Any
+) -> bool:
+    """The worker's call: four workers of test_resnet at SIZE px."""
+    return run_preflight(
+        t,
+        rank,
+        out=str(out),
+        local_batch=local_batch,
+        image_size=SIZE,
+        workers=4,
+        backbone="test_resnet",
+        limit_gb=None if limit is None else limit / GiB,
+        **kw,
+    )
 
 
 def test_peak_grows_with_the_batch() -> None:
@@ -73,8 +77,7 @@ def test_peak_grows_with_the_batch() -> None:
 def test_an_impossible_batch_fails_fast_naming_a_batch_that_fits(tmp_path: Path) -> None:
     t = trainer()
     limit = step_peak(t, 8, SIZE) + 1024  # local batch 8 fits this "device", 64 does not
-    c = loop_config(tmp_path, 64, limit)
-    assert run_preflight(t, c, rank=0) is True
+    assert preflight(t, tmp_path, 64, limit) is True
     with pytest.raises(SeppError) as err:
         check_preflight(Location(str(tmp_path)))
     msg = str(err.value)
@@ -87,30 +90,30 @@ def test_an_impossible_batch_fails_fast_naming_a_batch_that_fits(tmp_path: Path)
 
 def test_no_batch_fits_a_limit_below_the_weights(tmp_path: Path) -> None:
     t = trainer()
-    assert run_preflight(t, loop_config(tmp_path, 16, limit=1024), rank=0)
+    assert preflight(t, tmp_path, 16, limit=1024)
     error = json.loads((tmp_path / PREFLIGHT_FAILED).read_text())["error"]
     assert "nor does local batch 2" in error and "smaller backbone" in error
 
 
 def test_a_batch_that_fits_passes_and_other_ranks_write_nothing(tmp_path: Path) -> None:
     t = trainer()
-    assert run_preflight(t, loop_config(tmp_path, 8, limit=None), rank=0) is False
-    assert run_preflight(t, loop_config(tmp_path, 64, limit=1024), rank=1) is True
+    assert preflight(t, tmp_path, 8, limit=None) is False
+    assert preflight(t, tmp_path, 64, limit=1024, rank=1) is True
     assert not (tmp_path / PREFLIGHT_FAILED).exists()  # only rank 0 writes
-    assert run_preflight(t, {**loop_config(tmp_path, 64, 1024), "preflight": False}, 0) is False
+    assert preflight(t, tmp_path, 64, 1024, enabled=False) is False  # preflight=false
 
 
 @pytest.mark.parametrize("method", ["simclr", "mocov2", "dino"])
 def test_the_check_leaves_weights_buffers_grads_and_rng_untouched(method: str) -> None:
     t = trainer(method)
     before = {k: v.clone() for k, v in t.method.state_dict().items()}
-    rng = t.rng_state()
+    rng = rng_state(t.augment, t.device)
     attempts = find_fit(t, 16, SIZE, limit_bytes=1024)
     assert [a.batch for a in attempts] == [16, 8, 4, 2] and not any(a.fits for a in attempts)
     after = t.method.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "state restored"
     assert all(p.grad is None for p in t.method.parameters())
-    again = t.rng_state()
+    again = rng_state(t.augment, t.device)
     assert torch.equal(rng["torch"], again["torch"])
     assert torch.equal(rng["augment"], again["augment"])
 

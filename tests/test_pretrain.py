@@ -15,9 +15,9 @@ import pytest
 from sepp_ray.data.ingest import ingest
 from sepp_ray.data.sources import SourceOptions, open_source
 from sepp_ray.errors import SeppError
+from sepp_ray.mining.command import mine_command
 from sepp_ray.mining.encoder import EncoderConfig
 from sepp_ray.mining.mine import MineConfig
-from sepp_ray.mining.pipeline import mine_command
 from sepp_ray.models.checkpoint import load_backbone
 from sepp_ray.storage import Location, read_manifest
 from sepp_ray.train.driver import PretrainConfig, pretrain

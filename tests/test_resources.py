@@ -135,7 +135,7 @@ def test_mine_asks(
     from sepp_ray.mining.mine import MineConfig, run_search
 
     monkeypatch.setenv(WAIT_ENV, "1")  # mining has no option of its own: the cluster's wait
-    with pytest.raises(SeppError, match="1 search workers .* after waiting 1 s"):
+    with pytest.raises(SeppError, match="1 search actors .* after waiting 1 s"):
         run_search(data["emb"], MineConfig(k=0.5))
     assert asked(requests, 1)
 
@@ -181,8 +181,9 @@ def test_pretrain_asks_on_a_cluster_scaled_to_no_gpu(
 def test_sweep_asks_for_its_concurrent_trials(
     requests: list[Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from sepp_ray.sweep import SweepConfig, _resources
     from sepp_ray.train.driver import PretrainConfig
+    from sepp_ray.tune.space import SweepConfig
+    from sepp_ray.tune.sweep import _resources
 
     monkeypatch.setenv(WAIT_ENV, "1")
     c = SweepConfig(out=str(tmp_path / "sw"), pretrain=PretrainConfig(workers=2), max_concurrent=2)
@@ -193,7 +194,8 @@ def test_sweep_asks_for_its_concurrent_trials(
 
 def test_cpu_stages_stay_on_cpus_without_a_wait(monkeypatch: pytest.MonkeyPatch) -> None:
     """The default (no wait) keeps today's behaviour on a CPU cluster: 0 GPUs, CPU trials."""
-    from sepp_ray.sweep import SweepConfig, _resources
+    from sepp_ray.tune.space import SweepConfig
+    from sepp_ray.tune.sweep import _resources
 
     monkeypatch.delenv(WAIT_ENV, raising=False)
     workers, use_gpu, conc, _ = _resources(SweepConfig(out="runs/x"))

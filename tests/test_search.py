@@ -455,3 +455,56 @@ def test_torch_cuda_fp16_matches_reference() -> None:
     a = set(zip(ref_all.anchor_id.tolist(), ref_all.positive_id.tolist(), strict=True))
     b = set(zip(gpu_all.anchor_id.tolist(), gpu_all.positive_id.tolist(), strict=True))
     assert len(a) > 10_000 and len(a & b) >= 0.99 * max(len(a), len(b))
+
+
+def _module_imports(module: Any) -> set[str]:
+    """The sepp_ray modules a module imports at its top level (its own import statements)."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(module))
+    out: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and node.module:
+            out |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        elif isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+    return {m for m in out if m.startswith("sepp_ray.")}
+
+
+def test_backends_import_the_base_never_the_entry_point() -> None:
+    """search imports every backend; the backends and the base import neither search nor each
+    other, so the registry fills without an import circle."""
+    import importlib
+
+    from sepp_ray.mining import search_base, search_faiss, search_torch
+
+    entry = importlib.import_module("sepp_ray.mining.search")  # the package re-exports search()
+
+    backends = {"sepp_ray.mining.search_torch", "sepp_ray.mining.search_faiss"}
+    assert backends <= _module_imports(entry)
+    for mod in (search_base, search_torch, search_faiss):
+        imported = _module_imports(mod)
+        assert "sepp_ray.mining.search" not in imported, mod.__name__
+        assert not (imported & backends), mod.__name__
+    assert "sepp_ray.mining.search_base" in _module_imports(search_torch)
+    assert {"numpy", "torch", "faiss-flat", "faiss-ivf"} <= set(available_backends())
+
+
+def test_faiss_backend_is_optional(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The faiss module loads and registers without faiss; building a faiss index without it
+    is the import error that names faiss."""
+    import ast
+    import inspect
+    import sys
+
+    from sepp_ray.mining import search_faiss
+
+    top = ast.parse(inspect.getsource(search_faiss)).body
+    names = [a.name for n in top if isinstance(n, ast.Import) for a in n.names]
+    names += [n.module for n in top if isinstance(n, ast.ImportFrom) and n.module]
+    assert not [n for n in names if n.split(".")[0] == "faiss"]
+    monkeypatch.setitem(sys.modules, "faiss", None)
+    _, k = near_threshold_set(seed=11)
+    with pytest.raises(ImportError, match="faiss"):
+        build_searcher(k, "faiss-flat")

@@ -19,8 +19,9 @@ import pytest
 from sepp_ray.config import load
 from sepp_ray.errors import SeppError
 from sepp_ray.storage import read_manifest
-from sepp_ray.sweep import SweepConfig, _check_monitor, run_sweep
-from sepp_ray.sweep_report import ranked
+from sepp_ray.tune.report import ranked
+from sepp_ray.tune.space import SweepConfig
+from sepp_ray.tune.sweep import _check_monitor, run_sweep
 
 
 def _overrides(out: Path | str, *extra: str) -> list[str]:
@@ -136,7 +137,8 @@ DRIVER = """
 import sys
 from ray.data import DataContext
 from sepp_ray.config import load
-from sepp_ray.sweep import SweepConfig, run_sweep
+from sepp_ray.tune.space import SweepConfig
+from sepp_ray.tune.sweep import run_sweep
 DataContext.get_current().enable_progress_bars = False
 run_sweep(load(SweepConfig, None, sys.argv[1:]))
 """

@@ -103,9 +103,15 @@ def assert_same(a: list[Tensor], b: list[Tensor]) -> None:
 def test_loss_falls_simclr() -> None:
     trainer = make_trainer(tiny(), drop=("jitter", "grayscale"))
     losses: list[float] = []
-    out = train_epoch(
-        trainer, [batch()] * 20, 0, 0, lambda s, m: losses.append(m["loss"]), log_every=1
-    )
+    read = trainer.read_metrics
+
+    def recorded() -> dict[str, float]:  # each interval's mean loss, as the epoch reads it
+        metrics = read()
+        losses.append(metrics["loss"])
+        return metrics
+
+    trainer.read_metrics = recorded  # type: ignore[method-assign]
+    out = train_epoch(trainer, [batch()] * 20, 0, 0, log_every=1)
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.9 * first, losses
     assert out["steps"] == 20 and out["last_step"] == 19 and out["next_step"] == 20
@@ -279,7 +285,7 @@ def test_resume_is_exact(tmp_path: Path) -> None:
     ckpt = {
         "model": method.state_dict(),
         "optimizer": trainer.optimizer.state_dict(),
-        "rng": trainer.rng_state(),
+        "rng": rng_state(trainer.augment, trainer.device),
     }
     torch.save(ckpt, tmp_path / "state.pt")
     run_from(trainer, 3, 2)
@@ -292,7 +298,7 @@ def test_resume_is_exact(tmp_path: Path) -> None:
     resumed.load_state_dict(ckpt["model"])
     again.optimizer.load_state_dict(ckpt["optimizer"])
     not_restored = params(resumed)
-    again.set_rng_state(ckpt["rng"])
+    set_rng_state(ckpt["rng"], again.augment, again.device)
     run_from(again, 3, 2)
     assert_same(params(resumed), continued)
     assert (random.random(), np.random.rand()) == draws[:2] and torch.equal(torch.rand(1), draws[2])
@@ -369,3 +375,56 @@ def test_ddp_two_ranks_equal_one_process(tmp_path: Path) -> None:
     assert any(not torch.equal(a, b) for a, b in zip(want, params(tiny()), strict=True))
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_the_worker_config_refuses_a_run_no_rank_could_train() -> None:
+    """The driver's resolved run is checked when built, before any Ray Train worker starts."""
+    from types import SimpleNamespace
+
+    from sepp_ray.train.config import WorkerConfig
+    from sepp_ray.train.optim_defaults import method_recipe
+
+    def run(**kw: Any) -> WorkerConfig:
+        base: dict[str, Any] = dict(
+            method="simclr",
+            backbone="test_resnet",
+            cifar_stem=True,
+            hparams={},
+            image_size=16,
+            recipe=get_recipe("simclr", 16),
+            seed=0,
+            sync_bn=False,
+            channels_last=False,
+            compile=False,
+            amp="auto",
+            pair_use="none",
+            optim=method_recipe("simclr"),
+            lr=0.1,
+            warmup_steps=2,
+            data=SimpleNamespace(total_steps=10, global_batch=8),
+            workers=2,
+            preflight=True,
+            preflight_limit_gb=None,
+            dataset="d",
+            split="train",
+            out="o",
+            checkpoint_every=1,
+            keep_checkpoints=2,
+            monitor=None,
+            knn_every=1,
+            knn_k=20,
+            num_classes=10,
+        )
+        return WorkerConfig(**{**base, **kw})
+
+    assert run().warmup_steps == 2
+    for kw, message in [
+        ({"amp": "fp8"}, "amp must be one of"),
+        ({"pair_use": "both"}, "pair_use must be one of"),
+        ({"warmup_steps": 10}, r"warmup_steps 10 must be in \[0, 10\)"),
+        ({"lr": 0.0}, "learning rate must be > 0"),
+        ({"workers": 3}, "batch_size 8 must divide evenly over 3 workers"),
+        ({"image_size": 0}, "image_size must be >= 1"),
+    ]:
+        with pytest.raises(SeppError, match=message):
+            run(**kw)

@@ -276,6 +276,39 @@ def ray_train(tiny: bool, out: Path) -> Figures:
     return [fig("sepp through Ray Train", round(v, 1), "pairs/s", ">= 24000", v >= 24000)]
 
 
+# --- feed depth ------------------------------------------------------------------------------
+
+
+def feed(tiny: bool, out: Path) -> Figures:
+    """Batches/s and the share of time a simulated step waited for data, over read_ahead x
+    prefetch_batches x pinned (`benchmarks.gpu_check.feed`), and whether the defaults come
+    within 5% of the best setting. The full step is one of 512 pairs at the Ray Train target
+    (24,000 pairs/s): the rate the feed must keep up with."""
+    from benchmarks.gpu_check import feed as fd
+    from sepp_ray.ray_utils import init_ray
+
+    s, device = _sizes(tiny), _device()
+    init_ray()
+    root = tempfile.mkdtemp(prefix="sepp-gpu-check-")
+    data = fd.open_plan(_dataset(s["n_images"], s["size"], root), s["batch"])
+    step_ms = 10.0 if tiny else round(1000 * s["batch"] / 24000, 1)
+    cuda = device.type == "cuda"
+    rows = fd.run_grid(data, fd.grid(tiny, cuda), device, 2, step_ms / 1000, 1)
+    v = fd.verdict(rows, fd.defaults(cuda))
+    (out / "feed.md").write_text(fd.table(rows, step_ms))
+    what = f"feed: simulated step (host sleep after the batch is on {device.type}), pin_ahead "
+    figures = [fig(what + str(fd.pin_ahead()), step_ms, "ms")]
+    for r in rows:
+        label = fd.Setting.of(r).label()
+        figures.append(fig(f"feed {label}: batches/s", r["batches_per_s"], "batches/s"))
+        figures.append(fig(f"feed {label}: waited", r["wait_fraction"], "of time"))
+    figures.append(fig("feed best setting", v["best"]))
+    figures.append(
+        fig(f"feed defaults ({v['defaults']}) / best", v["ratio"], "x", ">= 0.95", v["ok"])
+    )
+    return figures
+
+
 # --- pair mining -----------------------------------------------------------------------------
 
 
@@ -323,8 +356,9 @@ def embed(tiny: bool, out: Path) -> Figures:
     """images/s of ResNet-50 224 px embedding through Ray Data (`sepp embed`) and a bare loop."""
     from benchmarks.embed import bare
     from sepp_ray.data.dataset import ImageDataset
+    from sepp_ray.data.decode import decode_blobs
     from sepp_ray.mining.embed import embed as sepp_embed
-    from sepp_ray.mining.encoder import EncoderConfig, decode_blobs
+    from sepp_ray.mining.encoder import EncoderConfig
     from sepp_ray.ray_utils import init_ray
 
     model, size, n, batch = ("test_resnet", 16, 128, 32) if tiny else ("resnet50", 224, 4096, 256)
@@ -354,6 +388,7 @@ PARTS: dict[str, tuple[Any, int, int]] = {
     "syncs": (syncs, 45, 180),
     "mining": (mining, 40, 120),
     "embed": (embed, 80, 300),
+    "feed": (feed, 75, 120),  # picks the feed's depths: after the targets it serves
     "compiled": (compiled, 130, 240),
     "gpu_tests": (gpu_tests, 45, 120),
 }

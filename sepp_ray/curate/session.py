@@ -13,15 +13,14 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from sepp_ray.curate.decisions import DecisionLog
 from sepp_ray.curate.export import export_curated
 from sepp_ray.curate.images import ImageStore
 from sepp_ray.curate.pairs import DECISIONS, PairTable, Query, parse_id
 from sepp_ray.errors import SeppError
-from sepp_ray.storage import Location, absolute, read_manifest
+from sepp_ray.mining.tables import read_pairs
+from sepp_ray.storage import absolute, read_manifest
 
 DECISIONS_DIR = "curation"
 EXPORT_NAME = "curated.parquet"
@@ -30,14 +29,6 @@ MAX_PAIRS_PER_REQUEST = 10_000
 
 class NotFound(SeppError):
     """A request names a pair or image the session does not hold (HTTP 404)."""
-
-
-def _read_pairs(uri: str, manifest: dict[str, Any]) -> pa.Table:
-    """The pairs table (read here, not through `sepp_ray.mining`, which loads torch: the page's
-    server stays light)."""
-    loc = Location(uri)
-    with loc.fs.open(loc.join(manifest["files"]["pairs"]), "rb") as f:
-        return pq.read_table(f, columns=["anchor_id", "positive_id", "similarity"])
 
 
 class Curation:
@@ -57,7 +48,7 @@ class Curation:
                 "give the output of `sepp mine`"
             )
         self.dataset_uri = dataset_uri or manifest["dataset"]["uri"]
-        raw = _read_pairs(self.pairs_uri, manifest)
+        raw = read_pairs(self.pairs_uri, columns=["anchor_id", "positive_id", "similarity"])
         ids = np.concatenate([raw["anchor_id"].to_numpy(), raw["positive_id"].to_numpy()]).astype(
             np.int64
         )

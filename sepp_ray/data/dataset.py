@@ -1,7 +1,10 @@
-"""Reading ingested image shards back: only complete datasets, only the files they list."""
+"""Reading ingested image shards back: only complete datasets, only the files they list; and
+the one identity of a dataset's content."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,6 +14,15 @@ import pyarrow.parquet as pq
 
 from sepp_ray.errors import SeppError
 from sepp_ray.storage import Location, filesystem, read_manifest
+
+
+def dataset_fingerprint(manifest: dict[str, Any]) -> str:
+    """Identity of an ingested dataset's content: a hash of its manifest less the write time and
+    the command line. It covers the source's own fingerprint and everything ingest did to it
+    (options, splits, shard files), so two ingests of one source at different settings differ;
+    caches of work done on a dataset (features, embeddings, pipeline stages) key on it."""
+    body = {k: v for k, v in manifest.items() if k not in ("created_unix", "config")}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -33,6 +45,11 @@ class ImageDataset:
     @property
     def classes(self) -> list[str]:
         return list(self.manifest.get("classes", []))
+
+    @property
+    def fingerprint(self) -> str:
+        """`dataset_fingerprint` of this dataset."""
+        return dataset_fingerprint(self.manifest)
 
     @property
     def num_images(self) -> int:

@@ -142,13 +142,19 @@ def process(
 
 
 def decode_rgb(data: bytes, size: int | None = None) -> np.ndarray:
-    """Stored bytes -> H x W x 3 uint8 array; resized (bicubic) to size x size when given.
-    The one decode of training, embedding and evaluation, so all see the same pixels."""
+    """Stored bytes -> H x W x 3 uint8 array; with ``size``, the evaluation view: shorter side
+    to ``size`` (bicubic), then the central size x size square (`center_view`), as the usual
+    linear-evaluation protocol and training's kNN monitor see an image (aspect ratio kept)."""
     with Image.open(io.BytesIO(data)) as f:
         img = f.convert("RGB")
-        if size is not None and img.size != (size, size):
-            img = img.resize((size, size), Image.Resampling.BICUBIC)
-        return np.asarray(img)
+        return center_view(img, size) if size is not None else np.asarray(img)
+
+
+def center_view(img: Image.Image, size: int) -> np.ndarray:
+    """The evaluation view of a decoded image: shorter side to ``size``, the central square."""
+    if img.size != (size, size):
+        img = resize_shorter(img, size, center_crop=True)
+    return np.asarray(img)
 
 
 PIXELS = "pixels"  # decoded images: fixed-size binary of size x size x 3 uint8 (HWC)

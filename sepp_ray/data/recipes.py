@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sepp_ray.errors import SeppError
+from sepp_ray.registry import Registry
 
 # Op names the `drop` switch understands (the transformation ablation of arXiv 2510.08722).
 OPS: frozenset[str] = frozenset({"crop", "flip", "jitter", "grayscale", "blur", "solarize"})
@@ -149,10 +150,15 @@ class TwoViewRecipe:
         return self.replace_views(drop=check_drop(drop))
 
 
+# Named two-view recipes: `fn(image_size) -> TwoViewRecipe`; a method names its own default.
+RECIPES: Registry[Callable[[int], TwoViewRecipe]] = Registry("augmentation recipe")
+
+
 def _blur(p: float, image_size: int) -> float:
     return p if image_size >= BLUR_MIN_SIZE else 0.0
 
 
+@RECIPES.register("simclr")
 def simclr(image_size: int) -> TwoViewRecipe:
     """SimCLR, arXiv 2002.05709 (App. A): crop 0.08-1, flip, jitter p=0.8, gray p=0.2, blur p=0.5.
 
@@ -163,12 +169,14 @@ def simclr(image_size: int) -> TwoViewRecipe:
     return TwoViewRecipe(v, v, name="simclr")
 
 
+@RECIPES.register("mocov2")
 def mocov2(image_size: int) -> TwoViewRecipe:
     """MoCo v2, arXiv 2003.04297: SimCLR's recipe with crop scale 0.2-1 and blur p=0.5."""
     v = AugmentRecipe(image_size, crop_scale=(0.2, 1.0), p_blur=_blur(0.5, image_size))
     return TwoViewRecipe(v, v, name="mocov2")
 
 
+@RECIPES.register("simsiam")
 def simsiam(image_size: int) -> TwoViewRecipe:
     """SimSiam, arXiv 2011.10566: MoCo v2's recipe (crop 0.2-1, jitter 0.4/0.4/0.4/0.1 p=0.8)."""
     v = AugmentRecipe(image_size, crop_scale=(0.2, 1.0), p_blur=_blur(0.5, image_size))
@@ -182,22 +190,26 @@ def _byol_views(image_size: int, scale: tuple[float, float]) -> tuple[AugmentRec
     return v1, v2
 
 
+@RECIPES.register("byol")
 def byol(image_size: int) -> TwoViewRecipe:
     """BYOL, arXiv 2006.07733 (Table 6): jitter 0.4/0.4/0.2/0.1 p=0.8, gray p=0.2, asymmetric
     blur (1.0 / 0.1) and solarize (0.0 / 0.2)."""
     return TwoViewRecipe(*_byol_views(image_size, (0.08, 1.0)), name="byol")
 
 
+@RECIPES.register("vicreg")
 def vicreg(image_size: int) -> TwoViewRecipe:
     """VICReg, arXiv 2105.04906 (App. C.1 and its official code): BYOL's asymmetric recipe."""
     return TwoViewRecipe(*_byol_views(image_size, (0.08, 1.0)), name="vicreg")
 
 
+@RECIPES.register("barlow_twins")
 def barlow_twins(image_size: int) -> TwoViewRecipe:
     """Barlow Twins, arXiv 2103.03230 (Sec. 4): BYOL's asymmetric recipe."""
     return TwoViewRecipe(*_byol_views(image_size, (0.08, 1.0)), name="barlow_twins")
 
 
+@RECIPES.register("dino")
 def dino(image_size: int) -> TwoViewRecipe:
     """DINO, arXiv 2104.14294: BYOL-style global crops at scale 0.4-1 plus 8 local crops at
     scale 0.05-0.4 and 96/224 of the global size, blurred with p=0.5."""
@@ -209,21 +221,8 @@ def dino(image_size: int) -> TwoViewRecipe:
     return TwoViewRecipe(v1, v2, n_local=8, local=local, name="dino")
 
 
-RECIPES: dict[str, Callable[[int], TwoViewRecipe]] = {
-    "simclr": simclr,
-    "mocov2": mocov2,
-    "byol": byol,
-    "simsiam": simsiam,
-    "dino": dino,
-    "vicreg": vicreg,
-    "barlow_twins": barlow_twins,
-}
-
-
 def get_recipe(name: str, image_size: int, drop: Iterable[str] = ()) -> TwoViewRecipe:
     """The named recipe for square views of `image_size` px, with `drop` ops removed."""
-    if name not in RECIPES:
-        raise SeppError(f"unknown augmentation recipe {name!r}; choose from {sorted(RECIPES)}")
-    recipe = RECIPES[name](image_size)
+    recipe = RECIPES.get(name)(image_size)
     drop = check_drop(drop)
     return recipe.with_drop(drop) if drop else recipe

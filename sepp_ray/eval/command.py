@@ -19,26 +19,66 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from sepp_ray.config import opt
+from sepp_ray.console import say
 from sepp_ray.data.dataset import ImageDataset
 from sepp_ray.errors import SeppError
-from sepp_ray.eval.detection import DetectionConfig
-from sepp_ray.eval.features import (
-    check_split,
-    checkpoint_manifest,
-    dataset_fingerprint,
-    extract_features,
-)
+from sepp_ray.eval.detection import DetectionConfig, run_detection
+from sepp_ray.eval.features import check_split, extract_features
 from sepp_ray.eval.linear import LinearProbeConfig
-from sepp_ray.eval.semisup import FinetuneConfig
+from sepp_ray.eval.semisup import FinetuneConfig, run_semisup
 from sepp_ray.eval.tables import headline, metrics_table
-from sepp_ray.models.checkpoint import load_backbone
+from sepp_ray.models.checkpoint import checkpoint_manifest, load_backbone
+from sepp_ray.registry import Registry
 from sepp_ray.resources import gpu_wait, stage_gpus
 from sepp_ray.shared_storage import check_shared_storage
 from sepp_ray.storage import Location, absolute, begin_write, finish_write
 
 log = logging.getLogger(__name__)
-PROTOCOLS = ("knn", "linear", "semisup", "detection")
 FEATURES = "features"
+# One Ray task call: (sub-key of its result, "" when a protocol has one; task; its arguments).
+TaskCall = tuple[str, Callable[..., Any], tuple[Any, ...]]
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """One evaluation protocol: whether it reads the cached frozen features, and its task calls
+    for one checkpoint, `calls(cfg, checkpoint, features_uri, num_classes)`."""
+
+    features: bool
+    calls: Callable[[EvalConfig, dict[str, Any], str, int], list[TaskCall]]
+
+
+def _knn_calls(cfg: EvalConfig, ckpt: dict[str, Any], feat: str, classes: int) -> list[TaskCall]:
+    splits = (cfg.train_split, cfg.test_split)
+    return [("", _knn_task, (feat, splits, classes, cfg.k, cfg.temperature))]
+
+
+def _linear_calls(cfg: EvalConfig, ckpt: dict[str, Any], feat: str, classes: int) -> list[TaskCall]:
+    splits = (cfg.train_split, cfg.test_split)
+    return [("", _linear_task, (feat, splits, classes, cfg.linear, cfg.seed))]
+
+
+def _semisup_calls(
+    cfg: EvalConfig, ckpt: dict[str, Any], feat: str, classes: int
+) -> list[TaskCall]:
+    split, test = cfg.train_split, cfg.test_split
+    return [
+        (str(f), run_semisup, (ckpt["uri"], cfg.dataset, f, split, test, cfg.semisup, cfg.seed))
+        for f in cfg.label_fractions
+    ]
+
+
+def _detection_calls(
+    cfg: EvalConfig, ckpt: dict[str, Any], feat: str, classes: int
+) -> list[TaskCall]:
+    return [("", run_detection, (ckpt["uri"], cfg.voc_root, cfg.detection, cfg.seed))]
+
+
+PROTOCOLS: Registry[Protocol] = Registry("protocol")
+PROTOCOLS.add("knn", Protocol(features=True, calls=_knn_calls))
+PROTOCOLS.add("linear", Protocol(features=True, calls=_linear_calls))
+PROTOCOLS.add("semisup", Protocol(features=False, calls=_semisup_calls))
+PROTOCOLS.add("detection", Protocol(features=False, calls=_detection_calls))
 
 
 @dataclass
@@ -75,23 +115,38 @@ class EvalConfig:
     )
 
     def validate(self) -> None:
+        """Every setting and location, before any work (`sepp eval`)."""
         if not self.checkpoints:
             raise SeppError("eval needs at least one checkpoint URI (checkpoints=URI[,URI...])")
         if not self.out:
             raise SeppError("eval needs an output URI (out=...)")
-        unknown = sorted(set(self.protocols) - set(PROTOCOLS))
-        if unknown or not self.protocols:
-            raise SeppError(
-                f"unknown protocol(s) {unknown or '(none given)'}: choose among {PROTOCOLS}"
-            )
+        self.validate_settings()
         if self.needs_dataset() and not self.dataset:
             raise SeppError(f"protocols {self.protocols} need a dataset URI (dataset=...)")
         if "detection" in self.protocols and not self.voc_root:
             raise SeppError("protocol detection needs a VOC dataset (voc_root=...)")
-        if "semisup" in self.protocols and not self.label_fractions:
-            raise SeppError("protocol semisup needs label_fractions (e.g. 0.01,0.1)")
         if len(set(self.checkpoints)) != len(self.checkpoints):
             raise SeppError("a checkpoint is listed twice in checkpoints")
+
+    def validate_settings(self) -> None:
+        """The settings alone, no location: what a pipeline or sweep checks up front, before
+        the checkpoints it will evaluate exist."""
+        unknown = sorted(set(self.protocols) - set(PROTOCOLS))
+        if unknown or not self.protocols:
+            raise SeppError(
+                f"unknown protocol(s) {unknown or '(none given)'}: choose among {PROTOCOLS.names()}"
+            )
+        if "semisup" in self.protocols and not self.label_fractions:
+            raise SeppError("protocol semisup needs label_fractions (e.g. 0.01,0.1)")
+        bad = [f for f in self.label_fractions if not 0.0 < f <= 1.0]
+        if "semisup" in self.protocols and bad:
+            raise SeppError(f"label_fractions must lie in (0, 1], got {bad}: e.g. 0.01,0.1")
+        if self.k < 1:
+            raise SeppError(f"k (kNN neighbours) must be >= 1, got {self.k}")
+        if not self.temperature > 0:
+            raise SeppError(f"temperature (kNN) must be > 0, got {self.temperature}")
+        if self.batch_size < 1:
+            raise SeppError(f"batch_size must be >= 1, got {self.batch_size}")
         self.linear.validate()
         self.semisup.validate()
         self.detection.validate()
@@ -127,7 +182,7 @@ def _knn_task(
     import torch
 
     from sepp_ray.eval.features import load_features
-    from sepp_ray.eval.knn import knn_classify
+    from sepp_ray.models.knn import knn_classify
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     tr = load_features(feat_uri, splits[0]).labeled()
@@ -174,18 +229,9 @@ def _linear_task(
 
 def _gather(futures: dict[Any, Any]) -> dict[Any, Any]:
     """ray.get every future; a SeppError raised in a task surfaces as itself."""
-    import ray
+    from sepp_ray.ray_utils import ray_get
 
-    out = {}
-    for key, ref in futures.items():
-        try:
-            out[key] = ray.get(ref)
-        except ray.exceptions.RayTaskError as e:
-            cause = getattr(e, "cause", None)
-            if isinstance(cause, SeppError):
-                raise SeppError(str(cause)) from None
-            raise
-    return out
+    return {key: ray_get(ref) for key, ref in futures.items()}
 
 
 def _check_inputs(cfg: EvalConfig) -> tuple[list[dict[str, Any]], ImageDataset | None]:
@@ -222,8 +268,6 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     """Run every protocol for every checkpoint; write metrics.json, metrics.md and the manifest."""
     import ray
 
-    from sepp_ray.eval.detection import run_detection
-    from sepp_ray.eval.semisup import run_semisup
     from sepp_ray.ray_utils import init_ray
 
     cfg.validate()
@@ -255,12 +299,10 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     def remote(fn: Callable[..., Any]) -> Any:
         return ray.remote(fn).options(num_gpus=1 if gpus else 0, num_cpus=1, max_retries=0)
 
-    knn_r, linear_r = remote(_knn_task), remote(_linear_task)
-    semisup_r, detection_r = remote(run_semisup), remote(run_detection)
     num_classes = len(ds.classes) if ds is not None else 0
     split_pair = (cfg.train_split, cfg.test_split)
     feats: dict[int, str] = {}
-    if {"knn", "linear"} & set(cfg.protocols):
+    if any(PROTOCOLS.get(p).features for p in cfg.protocols):
         # every extraction first: the protocol tasks would compete with it for the CPUs
         for i, c in enumerate(ckpts):
             feats[i] = loc.child(FEATURES, c["sha256"][:16]).uri
@@ -274,24 +316,14 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
                 actors=cfg.actors,
                 overwrite=True,
             )
+    remotes: dict[Callable[..., Any], Any] = {}  # one Ray remote function per task
     futures: dict[tuple[int, str, str], Any] = {}
     for i, c in enumerate(ckpts):
-        if "knn" in cfg.protocols:
-            futures[(i, "knn", "")] = knn_r.remote(
-                feats[i], split_pair, num_classes, cfg.k, cfg.temperature
-            )
-        if "linear" in cfg.protocols:
-            futures[(i, "linear", "")] = linear_r.remote(
-                feats[i], split_pair, num_classes, cfg.linear, cfg.seed
-            )
-        for f in cfg.label_fractions if "semisup" in cfg.protocols else []:
-            futures[(i, "semisup", str(f))] = semisup_r.remote(
-                c["uri"], cfg.dataset, f, cfg.train_split, cfg.test_split, cfg.semisup, cfg.seed
-            )
-        if "detection" in cfg.protocols:
-            futures[(i, "detection", "")] = detection_r.remote(
-                c["uri"], cfg.voc_root, cfg.detection, cfg.seed
-            )
+        for name in dict.fromkeys(cfg.protocols):
+            for sub, task, args in PROTOCOLS.get(name).calls(cfg, c, feats.get(i, ""), num_classes):
+                if task not in remotes:
+                    remotes[task] = remote(task)
+                futures[(i, name, sub)] = remotes[task].remote(*args)
     results = _gather(futures)
     metrics = _assemble(cfg, ckpts, ds, results)
     table = metrics_table(metrics)
@@ -323,7 +355,7 @@ def _assemble(
     if ds is not None:
         dataset = {
             "uri": cfg.dataset,
-            "fingerprint": dataset_fingerprint(ds),
+            "fingerprint": ds.fingerprint,
             "train_split": cfg.train_split,
             "test_split": cfg.test_split,
             "classes": ds.classes,
@@ -375,3 +407,10 @@ def read_metrics(uri: str) -> dict[str, Any]:
     if m.get("kind") != "eval":
         raise SeppError(f"{uri} is a {m.get('kind')!r} output, not eval metrics")
     return dict(json.loads(Location(uri).read_bytes("metrics.json")))
+
+
+def run_eval_command(c: EvalConfig) -> int:
+    """`sepp eval`'s entry point."""
+    run_eval(c)
+    say(f"metrics: {c.out}/metrics.md and {c.out}/metrics.json")
+    return 0

@@ -10,7 +10,6 @@ backbone's pooled output, un-normalised: kNN normalises them, the linear probe s
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import posixpath
@@ -24,16 +23,17 @@ import pyarrow.parquet as pq
 import torch
 
 from sepp_ray.data.dataset import ImageDataset
+from sepp_ray.data.decode import decode_batch
 from sepp_ray.data.infer import infer_to_parquet
-from sepp_ray.errors import IncompleteError, SeppError
-from sepp_ray.mining.encoder import decode_batch
-from sepp_ray.models.checkpoint import BackboneMeta, load_backbone
+from sepp_ray.errors import SeppError
+from sepp_ray.models.checkpoint import BackboneMeta, checkpoint_manifest, load_backbone
+from sepp_ray.models.encode import encode
 from sepp_ray.storage import Location, begin_write, finish_write, read_manifest
 
 log = logging.getLogger(__name__)
 FEATURES_DIR = "features"
 # bump when preprocessing changes, so old caches are not reused
-PREPROCESS_VERSION = 1
+PREPROCESS_VERSION = 2  # 2: shorter side + central square (was a squash to a square)
 
 
 @dataclass(frozen=True)
@@ -47,29 +47,6 @@ class Features:
     def labeled(self) -> Features:
         keep = self.labels >= 0
         return Features(self.ids[keep], self.labels[keep], self.feats[keep])
-
-
-def checkpoint_manifest(uri: str) -> dict[str, Any]:
-    """The manifest of a checkpoint location, or a SeppError saying what ``uri`` is instead."""
-    try:
-        m = read_manifest(uri)
-    except IncompleteError as e:
-        raise SeppError(
-            f"{uri} is not a checkpoint: it holds no complete sepp-ray output ({e}). "
-            "Pass a location written by `sepp pretrain` (or save_backbone)."
-        ) from e
-    if m.get("kind") != "checkpoint":
-        raise SeppError(
-            f"{uri} is a {m.get('kind')!r} output, not a checkpoint: pass a location written "
-            "by `sepp pretrain` (or save_backbone)"
-        )
-    return m
-
-
-def dataset_fingerprint(ds: ImageDataset) -> str:
-    """Identity of a dataset's content: its manifest less the write time and the command line."""
-    body = {k: v for k, v in ds.manifest.items() if k not in ("created_unix", "config")}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def check_split(ds: ImageDataset, split: str, need_labels: bool, why: str = "") -> None:
@@ -101,17 +78,9 @@ class FeatureExtractor:
         self.mean = torch.tensor(self.meta.mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(self.meta.std, device=self.device).view(1, 3, 1, 1)
 
-    @torch.inference_mode()
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 B x 3 x S x S -> fp32 B x D on CPU."""
-        x = images.to(self.device).float().div_(255.0)
-        x = (x - self.mean) / self.std
-        if self.device.type == "cuda":
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                f = self.model(x)
-        else:
-            f = self.model(x)
-        f = f.float()
+        f = encode(self.model, images, self.mean, self.std, self.device)
         if not torch.isfinite(f).all():
             raise SeppError("the backbone produced NaN/inf features: its weights are broken")
         return f.cpu()
@@ -191,7 +160,7 @@ def extract_features(
         check_split(ds, split, need_labels=False)
     m = checkpoint_manifest(checkpoint_uri)
     _, meta, sha = load_backbone(checkpoint_uri)  # fails on weights that do not fit, before Ray
-    key = cache_key(sha, meta, dataset_fingerprint(ds), splits)
+    key = cache_key(sha, meta, ds.fingerprint, splits)
     if Location(out_uri).exists("manifest.json"):
         old = read_manifest(out_uri)
         if old.get("kind") == "features" and old.get("key") == key:

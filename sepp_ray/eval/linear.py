@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from sepp_ray.config import opt
 from sepp_ray.errors import SeppError
-from sepp_ray.eval.knn import topk_accuracy
+from sepp_ray.models.knn import topk_accuracy
 
 
 @dataclass(frozen=True)

@@ -25,11 +25,12 @@ from torch import Tensor, nn
 from sepp_ray.config import opt
 from sepp_ray.data.augment import hflip, normalize, resized_crop, sample_crop_boxes, to_float
 from sepp_ray.data.dataset import ImageDataset
+from sepp_ray.data.decode import decode_blobs
 from sepp_ray.errors import SeppError
 from sepp_ray.eval.features import check_split
-from sepp_ray.eval.knn import topk_accuracy
-from sepp_ray.mining.encoder import decode_blobs
 from sepp_ray.models.checkpoint import BackboneMeta, load_backbone
+from sepp_ray.models.encode import encode
+from sepp_ray.models.knn import topk_accuracy
 
 # decode the labeled subset once when it fits in this many bytes of uint8 pixels
 _CACHE_BYTES = 4 << 30
@@ -186,22 +187,21 @@ def finetune(
     return model.eval()
 
 
-@torch.no_grad()
 def evaluate(
     model: nn.Module,
     meta: BackboneMeta,
     batches: Iterator[tuple[list[bytes], np.ndarray]],
     device: torch.device,
 ) -> dict[str, float]:
-    """Top-1/top-5 over (encoded images, labels) batches, resized and normalised only."""
+    """Top-1/top-5 over (encoded images, labels) batches, resized and normalised only (the
+    forward pass of every frozen-feature protocol, here through the fine-tuned head)."""
     model.eval()
+    mean = torch.tensor(meta.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(meta.std, device=device).view(1, 3, 1, 1)
     scores, ys = [], []
     for blobs, y in batches:
-        x = normalize(
-            to_float(decode_blobs(blobs, meta.image_size).to(device)), meta.mean, meta.std
-        )
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            scores.append(model(x).float().cpu())
+        images = decode_blobs(blobs, meta.image_size)
+        scores.append(encode(model, images, mean, std, device).cpu())
         ys.append(torch.as_tensor(y))
     top1, top5 = topk_accuracy(torch.cat(scores), torch.cat(ys))
     return {"top1": top1, "top5": top5}

@@ -17,20 +17,18 @@ from sepp_ray.methods import (  # noqa: F401  (importing registers each method)
     supcon,
     vicreg,
 )
-from sepp_ray.methods.base import _METHODS, PAIR_USES, Method, check_pair_use, register_method
+from sepp_ray.methods.base import METHODS, PAIR_USES, Method, check_pair_use
 from sepp_ray.models.backbones import create_backbone
 
 
 def list_methods() -> list[str]:
     """Names `create_method` accepts."""
-    return sorted(_METHODS)
+    return METHODS.names()
 
 
 def method_class(name: str) -> type[Method]:
     """The registered class; SeppError naming the choices for an unknown name."""
-    if name not in _METHODS:
-        raise SeppError(f"unknown method {name!r}: choose one of {list_methods()}")
-    return _METHODS[name]
+    return METHODS.get(name)
 
 
 def method_hparams(name: str) -> type:
@@ -82,6 +80,7 @@ def create_method(
 
 
 __all__ = [
+    "METHODS",
     "PAIR_USES",
     "Method",
     "check_pair_use",
@@ -91,5 +90,4 @@ __all__ = [
     "make_hparams",
     "method_class",
     "method_hparams",
-    "register_method",
 ]

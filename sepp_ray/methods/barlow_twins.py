@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from sepp_ray.losses.barlow_twins import barlow_twins_loss
-from sepp_ray.methods.base import Method, Metrics, register_method
+from sepp_ray.methods.base import METHODS, Method, Metrics
 from sepp_ray.models.heads import projection_mlp
 
 
@@ -27,7 +27,7 @@ class BarlowTwinsHParams:
     lambda_offdiag: float = 0.0051
 
 
-@register_method("barlow_twins")
+@METHODS.register("barlow_twins")
 class BarlowTwins(Method):
     """Projector on both views; the loss standardises over the global batch."""
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from sepp_ray.errors import SeppError
+from sepp_ray.registry import Registry
 
 # How a method may use mined pairs given per image as ids (beyond pair items in the dataset,
 # which every method takes): "attract" = extra positives (SePP's multi-positive loss, arXiv
@@ -116,20 +117,29 @@ class Method(nn.Module):
                 raise ValueError(f"the {use} ids must be {n} x P, got {tuple(t.shape)}")
 
 
+def _named_method(name: str, cls: type[Method]) -> None:
+    """A registered class knows its name (checkpoints and logs record it) and its hyperparameter
+    dataclass (`make_hparams` builds it)."""
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise TypeError(f"method {name!r} must be a Method subclass, got {cls!r}")
+    if not hasattr(cls, "hparams_cls"):
+        raise TypeError(f"{cls.__name__} must set hparams_cls")
+    cls.name = name
+
+
+# Every SSL method by name (timm-style registry): `@METHODS.register("simclr")` on the class.
+METHODS: Registry[type[Method]] = Registry("method", on_add=_named_method)
+
+
 def check_pair_use(method: str | type[Method], use: str) -> None:
     """SeppError unless `method` (a registered name or class) can use mined pairs as `use`
     (one of PAIR_USES), naming the methods that can."""
     if use not in PAIR_USES:
         raise SeppError(f"pair use must be one of {list(PAIR_USES)}, got {use!r}")
-    if isinstance(method, str):
-        if method not in _METHODS:
-            raise SeppError(f"unknown method {method!r}: choose one of {sorted(_METHODS)}")
-        cls = _METHODS[method]
-    else:
-        cls = method
+    cls = METHODS.get(method) if isinstance(method, str) else method
     if use in cls.pair_uses:
         return
-    able = sorted(n for n, c in _METHODS.items() if use in c.pair_uses)
+    able = [n for n in METHODS if use in METHODS.get(n).pair_uses]
     raise SeppError(
         f"method {cls.name or cls.__name__!r} cannot use {_USE_TEXT[use]}: it would silently "
         f"train the plain method. Methods that can: {able}; any method takes pairs as extra "
@@ -156,21 +166,3 @@ def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
     """target = momentum * target + (1 - momentum) * online, parameter by parameter."""
     for t, o in zip(target.parameters(), online.parameters(), strict=True):
         t.mul_(momentum).add_(o.detach(), alpha=1.0 - momentum)
-
-
-_METHODS: dict[str, type[Method]] = {}
-
-
-def register_method(name: str) -> Any:
-    """Class decorator: make a `Method` subclass creatable by `name` (timm-style registry)."""
-
-    def wrap(cls: type[Method]) -> type[Method]:
-        if name in _METHODS:
-            raise ValueError(f"method {name!r} is already registered")
-        if not hasattr(cls, "hparams_cls"):
-            raise TypeError(f"{cls.__name__} must set hparams_cls")
-        cls.name = name
-        _METHODS[name] = cls
-        return cls
-
-    return wrap

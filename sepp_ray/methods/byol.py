@@ -13,12 +13,12 @@ from torch import nn
 
 from sepp_ray.losses.negative_cosine import byol_loss
 from sepp_ray.methods.base import (
+    METHODS,
     Method,
     Metrics,
     cosine_momentum,
     ema_update,
     momentum_copy,
-    register_method,
 )
 from sepp_ray.models.heads import prediction_mlp, projection_mlp
 
@@ -41,7 +41,7 @@ class BYOLHParams:
             raise ValueError(f"momentum must be in [0, 1], got {self.momentum}")
 
 
-@register_method("byol")
+@METHODS.register("byol")
 class BYOL(Method):
     """Symmetrised BYOL loss; target = EMA of backbone + projector, updated after each step."""
 

@@ -14,12 +14,12 @@ from torch import nn
 
 from sepp_ray.losses.dino import DINOLoss
 from sepp_ray.methods.base import (
+    METHODS,
     Method,
     Metrics,
     cosine_momentum,
     ema_update,
     momentum_copy,
-    register_method,
 )
 from sepp_ray.models.heads import DINOHead
 
@@ -78,7 +78,7 @@ def _forward_by_resolution(
     return out
 
 
-@register_method("dino")
+@METHODS.register("dino")
 class DINO(Method):
     """Student (backbone + DINOHead) on every view; EMA teacher on the two global views.
 

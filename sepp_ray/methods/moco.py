@@ -19,7 +19,7 @@ from torch import nn
 
 from sepp_ray import dist
 from sepp_ray.losses.info_nce import info_nce_loss, positive_mask
-from sepp_ray.methods.base import Method, Metrics, ema_update, momentum_copy, register_method
+from sepp_ray.methods.base import METHODS, Method, Metrics, ema_update, momentum_copy
 from sepp_ray.models.heads import projection_mlp
 
 
@@ -54,7 +54,7 @@ class MoCoV2HParams:
             raise ValueError(f"queue_size must be >= 0, got {self.queue_size}")
 
 
-@register_method("mocov2")
+@METHODS.register("mocov2")
 class MoCoV2(Method):
     """Query encoder + momentum key encoder + a FIFO queue of (key, id).
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from sepp_ray import dist
 from sepp_ray.losses.info_nce import info_nce_loss, positive_mask
-from sepp_ray.methods.base import Method, Metrics, register_method
+from sepp_ray.methods.base import METHODS, Method, Metrics
 from sepp_ray.models.heads import prediction_mlp, projection_mlp
 
 
@@ -41,7 +41,7 @@ class NNCLRHParams:
             raise ValueError(f"queue_size must be >= 1, got {self.queue_size}")
 
 
-@register_method("nnclr")
+@METHODS.register("nnclr")
 class NNCLR(Method):
     """loss = (InfoNCE(NN(z1), p2) + InfoNCE(NN(z2), p1)) / 2, keys = the global batch's p.
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from sepp_ray import dist
 from sepp_ray.losses.info_nce import info_nce_loss, positive_mask, self_mask
-from sepp_ray.methods.base import Method, Metrics, register_method
+from sepp_ray.methods.base import METHODS, Method, Metrics
 from sepp_ray.models.heads import projection_mlp
 
 
@@ -69,7 +69,7 @@ def _per_view(x: torch.Tensor | None, n_views: int) -> torch.Tensor | None:
     return None if x is None else x.repeat(n_views, 1)
 
 
-@register_method("simclr")
+@METHODS.register("simclr")
 class SimCLR(Method):
     """Both views of every image in the global batch are keys; a query's positives are the keys
     with its id (its other view) or one of its semantic positive ids (`pos_ids`, "attract");

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from sepp_ray.losses.negative_cosine import negative_cosine_similarity
-from sepp_ray.methods.base import Method, Metrics, register_method
+from sepp_ray.methods.base import METHODS, Method, Metrics
 from sepp_ray.models.heads import prediction_mlp, projection_mlp
 
 
@@ -27,7 +27,7 @@ class SimSiamHParams:
     pred_hidden_dim: int = 512
 
 
-@register_method("simsiam")
+@METHODS.register("simsiam")
 class SimSiam(Method):
     """Symmetrised D(p1, sg(z2)) / 2 + D(p2, sg(z1)) / 2 with negative cosine D."""
 

@@ -13,7 +13,7 @@ import torch
 
 from sepp_ray import dist
 from sepp_ray.errors import SeppError
-from sepp_ray.methods.base import Metrics, register_method
+from sepp_ray.methods.base import METHODS, Metrics
 from sepp_ray.methods.simclr import SimCLR, SimCLRHParams, contrastive_loss
 
 
@@ -24,7 +24,7 @@ class SupConHParams(SimCLRHParams):
     temperature: float = 0.1
 
 
-@register_method("supcon")
+@METHODS.register("supcon")
 class SupCon(SimCLR):
     """SimCLR's model; a query's positives are the keys of its class.
 

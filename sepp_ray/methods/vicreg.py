@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from sepp_ray.losses.vicreg import vicreg_loss
-from sepp_ray.methods.base import Method, Metrics, register_method
+from sepp_ray.methods.base import METHODS, Method, Metrics
 from sepp_ray.models.heads import projection_mlp
 
 
@@ -29,7 +29,7 @@ class VICRegHParams:
     cov_coeff: float = 1.0
 
 
-@register_method("vicreg")
+@METHODS.register("vicreg")
 class VICReg(Method):
     """Expander on both views, VICReg loss with variance/covariance over the global batch."""
 

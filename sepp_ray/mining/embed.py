@@ -13,24 +13,16 @@ import posixpath
 from dataclasses import asdict, replace
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
-
 from sepp_ray.data.dataset import ImageDataset
 from sepp_ray.data.infer import infer_to_parquet
 from sepp_ray.errors import SeppError
-from sepp_ray.mining.anchors import Vectors
 from sepp_ray.mining.encoder import EncoderConfig, load_encoder
 from sepp_ray.resources import gpu_wait, stage_gpus
 from sepp_ray.shared_storage import check_shared_storage
 from sepp_ray.storage import (
-    Location,
     absolute,
     begin_write,
     finish_write,
-    read_manifest,
 )
 
 log = logging.getLogger(__name__)
@@ -99,7 +91,7 @@ def embed(
         "encoder": {"identity": identity, "config": asdict(encoder), "meta": asdict(meta)},
         "dataset": {
             "uri": dataset_uri,
-            "fingerprint": ds.manifest.get("source", {}).get("fingerprint"),
+            "fingerprint": ds.fingerprint,
             "classes": ds.classes,
         },
         "splits": chosen,
@@ -112,34 +104,3 @@ def embed(
     }
     finish_write(loc, manifest)
     return manifest
-
-
-def load_embeddings(
-    uri: str, files: list[int] | None = None, ids: np.ndarray | None = None
-) -> tuple[Vectors, np.ndarray]:
-    """Read (a subset of) an embeddings location: Vectors and labels (-1 where unlabeled).
-
-    ``files`` selects shard files by index (sharded-keys mode); ``ids`` keeps only those rows.
-    Rows come out sorted by id, whatever order the files were written in.
-    """
-    m = read_manifest(uri)
-    if m.get("kind") != "embeddings":
-        raise SeppError(f"{uri} is a {m.get('kind')!r} output, not embeddings")
-    loc = Location(uri)
-    fs = loc.fs
-    listed = m["files"] if files is None else [m["files"][i] for i in files]
-    tables = []
-    for f in listed:
-        with fs.open(loc.join(f["path"]), "rb") as fh:
-            t = pq.read_table(fh, columns=["id", "label", "embedding"])
-        if ids is not None:
-            t = t.filter(pc.is_in(t["id"], value_set=pa.array(ids, pa.int64())))
-        tables.append(t)
-    dim = int(m["dim"])
-    if not tables:
-        return Vectors(np.empty(0, np.int64), np.empty((0, dim), np.float32)), np.empty(0, np.int64)
-    t = pa.concat_tables(tables).sort_by("id")
-    vecs = t["embedding"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    vecs = np.asarray(vecs, dtype=np.float32).reshape(-1, dim)
-    labels = t["label"].fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
-    return Vectors(t["id"].to_numpy().astype(np.int64), vecs), labels

@@ -11,14 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from sepp_ray.config import opt
-from sepp_ray.data.images import batch_pixels
+from sepp_ray.data.decode import decode_batch
 from sepp_ray.errors import SeppError
 from sepp_ray.models.backbones import create_backbone
 from sepp_ray.models.checkpoint import (
@@ -29,6 +28,7 @@ from sepp_ray.models.checkpoint import (
     load_into,
     load_state_file,
 )
+from sepp_ray.models.encode import encode
 from sepp_ray.storage import filesystem
 
 
@@ -104,17 +104,6 @@ def load_encoder(cfg: EncoderConfig) -> tuple[nn.Module, BackboneMeta, str]:
     return model.eval(), meta, identity
 
 
-def decode_blobs(blobs: list[bytes], size: int) -> torch.Tensor:
-    """Encoded RGB images -> uint8 B x 3 x size x size (bicubic, antialiased when shrinking)."""
-    return decode_batch(pa.table({"image": pa.array(blobs, pa.binary())}), size)
-
-
-def decode_batch(batch: pa.Table, size: int) -> torch.Tensor:
-    """A batch's images as uint8 B x 3 x size x size: decoded by the CPU stage ahead of the
-    actors (`DecodeImages`), or here when the batch still holds encoded bytes."""
-    return torch.from_numpy(np.ascontiguousarray(batch_pixels(batch, size))).permute(0, 3, 1, 2)
-
-
 class Embedder:
     """Ray Data callable class: {id, image, ...} batches -> {id, label, split, embedding}.
 
@@ -130,17 +119,12 @@ class Embedder:
         self.mean = torch.tensor(self.meta.mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(self.meta.std, device=self.device).view(1, 3, 1, 1)
 
-    @torch.inference_mode()
     def embed_uint8(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 B x 3 x H x W (any device) -> L2-normalised fp32 B x D on CPU."""
-        x = images.to(self.device, non_blocking=True).float().div_(255.0)
-        x = (x - self.mean) / self.std
-        if self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                feats = self.model(x)
-        else:
-            feats = self.model(x)
+        channels_last = self.device.type == "cuda"
+        feats = encode(
+            self.model, images, self.mean, self.std, self.device, channels_last=channels_last
+        )
         feats = F.normalize(feats.float(), dim=1)  # normalise in fp32, never in bf16
         if not torch.isfinite(feats).all():
             raise SeppError(

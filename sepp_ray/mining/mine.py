@@ -21,6 +21,7 @@ pair-precision-versus-threshold curve below ``lo``, and the zero-pairs warning r
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -30,9 +31,15 @@ import numpy as np
 from sepp_ray.config import opt
 from sepp_ray.errors import SeppError
 from sepp_ray.mining.anchors import choose_anchors, validate_thresholds
-from sepp_ray.mining.embed import load_embeddings
 from sepp_ray.mining.report_stats import pair_statistics
-from sepp_ray.mining.search import Pairs, build_searcher, check_limit, merge_shard_results
+from sepp_ray.mining.search import (
+    Pairs,
+    build_searcher,
+    check_backend,
+    check_limit,
+    merge_shard_results,
+)
+from sepp_ray.mining.tables import embedding_ids, embedding_labels, load_embeddings
 from sepp_ray.resources import gpu_wait, stage_gpus
 from sepp_ray.shared_storage import check_shared_storage
 from sepp_ray.storage import Location, read_manifest
@@ -58,23 +65,50 @@ class MineConfig:
     )
     seed: int = opt(0, "seed of the anchor choice")
     backend: str = opt("auto", "search backend: auto, torch, faiss-flat, faiss-ivf, numpy")
-    workers: int | None = opt(None, "search actors (default: one per GPU, else 1)")
-    shard_keys: int = opt(0, "0: every worker holds all keys; S > 0: S key shards, merged")
+    actors: int | None = opt(None, "search actors (default: one per GPU, else 1)")
+    workers: int | None = opt(
+        None, "the former name of `actors` (accepted; `workers` is pretraining's word)"
+    )
+    shard_keys: int = opt(0, "0: every actor holds all keys; S > 0: S key shards, merged")
     dup_eps: float = opt(1e-4, "similarity >= 1 - dup_eps marks an exact duplicate (excluded)")
     nprobe: int = opt(16, "faiss-ivf: inverted lists visited per query")
 
     def validate(self) -> None:
+        """Every value checkable without the data, so `sepp mine` fails before embedding."""
         validate_thresholds(self.lo, self.hi)
-        if self.m is not None and self.m < 1:
+        k = self.k
+        if isinstance(k, bool) or not isinstance(k, (int, float)) or not math.isfinite(k):
+            raise SeppError(f"k={k!r} (K, the anchors) must be a fraction in (0, 1] or a count")
+        if k <= 0 or (k > 1 and k != int(k)):
+            raise SeppError(
+                f"k={k} (K, the anchors) must be a fraction of the images in (0, 1] (e.g. 0.05) "
+                "or a whole count > 1 (e.g. 500)"
+            )
+        if self.m is not None and (isinstance(self.m, bool) or self.m < 1):
             raise SeppError(
                 f"m={self.m} must be >= 1 (the most positives per anchor) or null (all of them)"
             )
+        check_backend(self.backend)
+        if not 0.0 <= self.dup_eps < 1.0:
+            raise SeppError(f"dup_eps={self.dup_eps} must lie in [0, 1); the default is 1e-4")
+        if self.nprobe < 1:
+            raise SeppError(f"nprobe={self.nprobe} must be >= 1 (faiss-ivf lists per query)")
         if self.max_pairs is not None and self.max_pairs < 1:
             raise SeppError(f"max_pairs={self.max_pairs} must be >= 1, or null to turn it off")
         if self.shard_keys < 0:
             raise SeppError(f"shard_keys={self.shard_keys} must be >= 0")
-        if self.workers is not None and self.workers < 1:
-            raise SeppError(f"workers={self.workers} must be >= 1")
+        if self.workers is not None and self.actors not in (None, self.workers):
+            raise SeppError(
+                f"mining.workers={self.workers} and mining.actors={self.actors} disagree: "
+                "set actors only (workers is its former name)"
+            )
+        if self.search_actors is not None and self.search_actors < 1:
+            raise SeppError(f"actors={self.search_actors} must be >= 1")
+
+    @property
+    def search_actors(self) -> int | None:
+        """`actors`, or its former name `workers` in an older config."""
+        return self.actors if self.actors is not None else self.workers
 
     def anchor_count(self) -> int | float:
         return int(self.k) if self.k > 1 else float(self.k)
@@ -117,22 +151,8 @@ class SearchWorker:
         return pairs, near, info
 
 
-def _unwrap(fn: Any) -> Any:
-    """Run ``fn``; a SeppError raised inside an actor surfaces as itself, not a RayTaskError."""
-    import ray
-
-    try:
-        return fn()
-    except ray.exceptions.RayTaskError as e:
-        cause = e.cause if hasattr(e, "cause") else None
-        if isinstance(cause, SeppError):
-            raise SeppError(str(cause)) from None
-        raise
-    except ray.exceptions.RayActorError as e:
-        raise SeppError(
-            f"a search worker died: {e}. Give workers more memory or use "
-            "shard_keys to split the keys"
-        ) from e
+# a dead search actor, told as what happened and what to change
+_ACTOR_LOST = ("a search actor", "Give the actors more memory or use shard_keys to split the keys")
 
 
 def _write_pairs(loc: Location, name: str, pairs: Pairs) -> str:
@@ -157,7 +177,7 @@ def run_search(
     """
     import ray
 
-    from sepp_ray.ray_utils import init_ray
+    from sepp_ray.ray_utils import init_ray, ray_get
 
     manifest = read_manifest(emb_uri)
     if manifest.get("kind") != "embeddings":
@@ -167,15 +187,15 @@ def run_search(
     n = int(manifest["num_embeddings"])
     if n == 0:
         raise SeppError(f"{emb_uri} holds no embeddings: the dataset is empty")
-    ids = _all_ids(emb_uri)
+    ids = embedding_ids(emb_uri)
     anchors = choose_anchors(ids, cfg.anchor_count(), cfg.seed)
     init_ray()
     check_shared_storage({"embeddings": emb_uri})
     gpus = stage_gpus(
-        min(cfg.shard_keys, len(manifest["files"])) if cfg.shard_keys else cfg.workers,
+        min(cfg.shard_keys, len(manifest["files"])) if cfg.shard_keys else cfg.search_actors,
         gpu_wait(),
-        what="search workers (one GPU each)",
-        fix="lower workers or shard_keys",
+        what="search actors (one GPU each)",
+        fix="lower mining.actors or mining.shard_keys",
     )
     options: dict[str, Any] = {"nprobe": cfg.nprobe} if cfg.backend == "faiss-ivf" else {}
     cpus = float(ray.cluster_resources().get("CPU", 1))
@@ -203,18 +223,18 @@ def run_search(
         anchor_vecs, _ = load_embeddings(emb_uri, ids=anchors)
         vec_ref = ray.put(anchor_vecs.numpy())
         futures = [w.search.remote(anchors, vec_ref, cfg) for w in workers]
-        results = _unwrap(lambda: ray.get(futures))
+        results = ray_get(futures, lost=_ACTOR_LOST)
         pairs = merge_shard_results([r[0] for r in results], cfg.m, anchors)
         near = merge_shard_results([r[1] for r in results], NEIGHBOURS, anchors)
     else:
-        n_workers = min(cfg.workers or max(1, gpus), len(anchors))
+        n_workers = min(cfg.search_actors or max(1, gpus), len(anchors))
         workers = [
             actor_cls(n_workers).remote(emb_uri, cfg.backend, None, options)
             for _ in range(n_workers)
         ]
         chunks = np.array_split(anchors, n_workers)
         futures = [w.search.remote(c, None, cfg) for w, c in zip(workers, chunks, strict=True)]
-        results = _unwrap(lambda: ray.get(futures))
+        results = ray_get(futures, lost=_ACTOR_LOST)
         pairs = Pairs.concat([r[0] for r in results])
         near = Pairs.concat([r[1] for r in results])
     for w in workers:
@@ -244,18 +264,6 @@ def check_embedded_splits(emb_uri: str, present: list[str] | None, wanted: list[
         )
 
 
-def _all_ids(emb_uri: str) -> np.ndarray:
-    import pyarrow.parquet as pq
-
-    loc = Location(emb_uri)
-    m = read_manifest(emb_uri)
-    parts = []
-    for f in m["files"]:
-        with loc.fs.open(loc.join(f["path"]), "rb") as fh:
-            parts.append(pq.read_table(fh, columns=["id"])["id"].to_numpy())
-    return np.concatenate(parts).astype(np.int64)
-
-
 def below_lo(near: Pairs, lo: float) -> Pairs:
     """Nearest images under ``lo``: added to the pairs, they extend the threshold curve down."""
     keep = near.similarity < np.float32(lo)
@@ -278,7 +286,7 @@ def mine(
     anchors, pairs, near, workers = run_search(emb_uri, cfg, splits)
     seconds = time.perf_counter() - t0
     emb_manifest = read_manifest(emb_uri)
-    labels_by_id = _labels(emb_uri)
+    labels_by_id = embedding_labels(emb_uri)
     # rank 1 of this union is each anchor's nearest image below hi; at or above lo it is the pairs
     seen = Pairs.concat([pairs, below_lo(near, cfg.lo)])
     stats = pair_statistics(
@@ -331,20 +339,3 @@ def mine(
         )
         log.warning(body["warning"])
     return body
-
-
-def _labels(emb_uri: str) -> dict[int, int] | None:
-    import pyarrow.parquet as pq
-
-    loc = Location(emb_uri)
-    m = read_manifest(emb_uri)
-    ids, labels = [], []
-    for f in m["files"]:
-        with loc.fs.open(loc.join(f["path"]), "rb") as fh:
-            t = pq.read_table(fh, columns=["id", "label"])
-        ids.append(t["id"].to_numpy())
-        labels.append(t["label"].fill_null(-1).to_numpy(zero_copy_only=False))
-    lab = np.concatenate(labels).astype(np.int64)
-    if (lab < 0).all():
-        return None
-    return dict(zip(np.concatenate(ids).tolist(), lab.tolist(), strict=True))

@@ -18,16 +18,8 @@ from PIL import Image, ImageDraw
 from sepp_ray.data.dataset import ImageDataset
 from sepp_ray.data.images import decode_rgb
 from sepp_ray.errors import SeppError
-from sepp_ray.storage import Location, filesystem, read_manifest
-
-
-def read_pairs(uri: str, which: str = "pairs") -> Any:
-    m = read_manifest(uri)
-    if m.get("kind") != "pairs":
-        raise SeppError(f"{uri} is a {m.get('kind')!r} output, not mined pairs")
-    loc = Location(uri)
-    with loc.fs.open(loc.join(m["files"][which]), "rb") as f:
-        return pq.read_table(f)
+from sepp_ray.mining.tables import read_pairs
+from sepp_ray.storage import filesystem, read_manifest
 
 
 def _images_by_id(dataset_uri: str, ids: list[int]) -> dict[int, np.ndarray]:

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from sepp_ray.mining.search import Pairs
+from sepp_ray.mining.search_base import Pairs
 
 
 def _precision(pairs: Pairs, labels: dict[int, int]) -> tuple[float | None, int, np.ndarray]:

@@ -1,7 +1,8 @@
 """FAISS backends of the pair search: exact IndexFlatIP and approximate IndexIVFFlat, on the GPU
-when faiss has GPU support and CUDA is present. Semantics are those of `search` (its module
-doc); faiss returns plain top-k, so k doubles per anchor until the window is settled: with
-m = None (every in-window key) until the k-th similarity falls below lo.
+when faiss has GPU support and CUDA is present. Semantics are those of `search_base` (its
+module doc); faiss returns plain top-k, so k doubles per anchor until the window is settled: with
+m = None (every in-window key) until the k-th similarity falls below lo. faiss itself is
+imported only when an index is built: this module loads (and registers) without it.
 """
 
 from __future__ import annotations
@@ -14,15 +15,17 @@ import numpy as np
 import torch
 
 from sepp_ray.mining.anchors import Vectors
-from sepp_ray.mining.search import (
+from sepp_ray.mining.search_base import (
+    SEARCH_BACKENDS,
     KeySearcher,
     Pairs,
     Window,
-    _columns,
     check_limit,
-    register_backend,
+    concat_columns,
     select_top,
 )
+
+IVF_RECOMMENDED_N = 150_000  # CPU key count past which faiss-ivf beats exact search (see below)
 
 
 class _FaissSearcher(KeySearcher):
@@ -76,7 +79,7 @@ class _FaissSearcher(KeySearcher):
                 check_limit(sum(len(o[0]) for o in out), limit)
         if not out:
             return Pairs.empty()
-        qpos, sims, cols = _columns(out)
+        qpos, sims, cols = concat_columns(out)
         return select_top(q.ids, qpos, sims, self.keys.ids[cols], m)
 
     def _round(
@@ -107,7 +110,7 @@ class _FaissSearcher(KeySearcher):
         return done
 
 
-@register_backend("faiss-flat")
+@SEARCH_BACKENDS.register("faiss-flat")
 class FaissFlatSearcher(_FaissSearcher):
     """Exact inner-product index (IndexFlatIP), on the GPU when faiss was built with it."""
 
@@ -119,7 +122,7 @@ class FaissFlatSearcher(_FaissSearcher):
         return index
 
 
-@register_backend("faiss-ivf")
+@SEARCH_BACKENDS.register("faiss-ivf")
 class FaissIVFSearcher(_FaissSearcher):
     """Approximate IndexIVFFlat (inner product): nlist ~ 4 sqrt(N) k-means cells trained on a
     seeded sample, `nprobe` cells searched per query. Pairs are a subset of the exact ones.

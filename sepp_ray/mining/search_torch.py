@@ -1,6 +1,6 @@
 """The torch backend of the pair search: exact similarity blocks (fp32, or fp16 inputs with fp32
 accumulation on CUDA; never bf16, never TF32) and, per block, every in-window entry (m = None)
-or a top-k (a cap m), on the keys' device. Semantics are those of `search` (its module doc).
+or a top-k (a cap m), on the keys' device. Semantics are those of `search_base` (its module doc).
 """
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ import torch
 
 from sepp_ray.errors import SeppError
 from sepp_ray.mining.anchors import Vectors
-from sepp_ray.mining.search import (
+from sepp_ray.mining.search_base import (
     ALLOWED_DTYPES,
+    SEARCH_BACKENDS,
     KeySearcher,
     Pairs,
     Window,
-    _columns,
     check_limit,
-    register_backend,
+    concat_columns,
     select_top,
 )
 
@@ -126,7 +126,7 @@ def _block_top(
     return vals, idx, (tr[rr], sims[tr[rr], cc], cc)
 
 
-@register_backend("torch")
+@SEARCH_BACKENDS.register("torch")
 class TorchSearcher(KeySearcher):
     """Exact matmul + topk, chunked over queries and keys; fp16 x fp16 -> fp32 on CUDA.
 
@@ -197,7 +197,7 @@ class TorchSearcher(KeySearcher):
         rows, slots = torch.nonzero(torch.isfinite(cand_v)).unbind(1)  # only in-range survive
         found = (rows, cand_v[rows, slots], cand_i[rows, slots])
         parts = [tuple(t.cpu().numpy() for t in tup) for tup in [found, *extras]]
-        qpos, sim, key_pos = _columns(parts)
+        qpos, sim, key_pos = concat_columns(parts)
         return select_top(q.ids, qpos, sim, self.keys.ids[key_pos], m)
 
     def _search_all(
@@ -223,5 +223,5 @@ class TorchSearcher(KeySearcher):
                     parts.append(tuple(t.numpy() for t in part))
                     found += len(part[0])
                     check_limit(found, limit)
-        qpos, sim, key_pos = _columns(parts)
+        qpos, sim, key_pos = concat_columns(parts)
         return select_top(q.ids, qpos, sim, self.keys.ids[key_pos], None)

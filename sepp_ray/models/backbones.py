@@ -7,6 +7,7 @@ registry in the style of timm's `register_model`.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 from typing import Any
 
@@ -15,10 +16,13 @@ import timm.models
 from torch import nn
 
 from sepp_ray.errors import SeppError
+from sepp_ray.registry import Registry
 
 BackboneFactory = Callable[..., tuple[nn.Module, int]]
 
-_BACKBONES: dict[str, BackboneFactory] = {}
+# Aliases: `fn(cifar_stem, pretrained, **timm_kwargs) -> (module, feat_dim)` by name
+# (`@BACKBONES.register("resnet18_cifar")`); every timm model name is accepted besides them.
+BACKBONES: Registry[BackboneFactory] = Registry("backbone alias")
 
 # timm modules whose models take the CIFAR stem surgery (see `_cifar_resnet_stem`).
 _RESNET_MODULES = ["resnet"]
@@ -26,21 +30,23 @@ _RESNET_MODULES = ["resnet"]
 _VIT_MODULES = ["vision_transformer", "deit"]
 
 
-def register_backbone(name: str) -> Callable[[BackboneFactory], BackboneFactory]:
-    """Register `fn(cifar_stem, pretrained, **timm_kwargs) -> (module, feat_dim)` under `name`."""
-
-    def wrap(fn: BackboneFactory) -> BackboneFactory:
-        if name in _BACKBONES:
-            raise ValueError(f"backbone alias {name!r} is already registered")
-        _BACKBONES[name] = fn
-        return fn
-
-    return wrap
-
-
 def list_backbones() -> list[str]:
     """Project-defined aliases; every timm name (`timm.list_models()`) works too."""
-    return sorted(_BACKBONES)
+    return BACKBONES.names()
+
+
+def check_backbone(name: str) -> None:
+    """SeppError unless `name` is a registered alias or a timm model name: what configs call
+    before any work, so a typo fails in seconds rather than inside every training worker."""
+    if name in BACKBONES or (isinstance(name, str) and timm.models.is_model(name)):
+        return
+    close = difflib.get_close_matches(str(name), [*BACKBONES, *timm.list_models()], n=5)
+    hint = f"did you mean one of {close}? " if close else ""
+    raise SeppError(
+        f"unknown backbone {name!r}: {hint}use a timm model name (list them with "
+        f"`python -c \"import timm; print(timm.list_models('resnet*'))\"`) "
+        f"or one of the aliases {list_backbones()}"
+    )
 
 
 def feature_dim(model: nn.Module) -> int:
@@ -77,14 +83,9 @@ def create_backbone(
     32 px images: ResNets get a 3x3 stride-1 first conv and no max-pool (the pretrained first
     conv, if any, is dropped); ViTs get `img_size=32, patch_size=4` unless given in `timm_kwargs`.
     """
-    if name in _BACKBONES:
-        return _BACKBONES[name](cifar_stem=cifar_stem, pretrained=pretrained, **timm_kwargs)
-    if not timm.models.is_model(name):
-        raise SeppError(
-            f"unknown backbone {name!r}: use a timm model name (list them with "
-            f"`python -c \"import timm; print(timm.list_models('resnet*'))\"`) "
-            f"or one of the aliases {list_backbones()}"
-        )
+    if name in BACKBONES:
+        return BACKBONES.get(name)(cifar_stem=cifar_stem, pretrained=pretrained, **timm_kwargs)
+    check_backbone(name)
     is_resnet = timm.models.is_model_in_modules(name, _RESNET_MODULES)
     is_vit = timm.models.is_model_in_modules(name, _VIT_MODULES)
     if cifar_stem and is_vit:
@@ -101,7 +102,7 @@ def create_backbone(
     return model, feature_dim(model)
 
 
-@register_backbone("resnet18_cifar")
+@BACKBONES.register("resnet18_cifar")
 def resnet18_cifar(
     cifar_stem: bool = True, pretrained: bool = False, **timm_kwargs: Any
 ) -> tuple[nn.Module, int]:
@@ -109,7 +110,7 @@ def resnet18_cifar(
     return create_backbone("resnet18", cifar_stem=True, pretrained=pretrained, **timm_kwargs)
 
 
-@register_backbone("resnet50_cifar")
+@BACKBONES.register("resnet50_cifar")
 def resnet50_cifar(
     cifar_stem: bool = True, pretrained: bool = False, **timm_kwargs: Any
 ) -> tuple[nn.Module, int]:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sepp_ray.errors import SeppError
+from sepp_ray.errors import IncompleteError, SeppError
 from sepp_ray.models.backbones import create_backbone
 from sepp_ray.storage import begin_write, filesystem, finish_write, read_manifest
 
@@ -65,16 +65,46 @@ def save_backbone(
     return digest
 
 
+CHECKPOINT_IS = (
+    "a checkpoint is a location written by `sepp pretrain` (or save_backbone): a folder with "
+    f"{BACKBONE_FILE} and a manifest; a bare weights file is a state dict saved with "
+    "torch.save(model.state_dict()) (.pt/.pth/.bin) or safetensors"
+)
+
+
 def _load_state(data: bytes, where: str) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise SeppError(f"{where} is not a readable torch state dict: {e}") from e
+    except Exception as e:  # torch's own message names its unpickler, not the user's file
+        held = (
+            "it holds Python objects besides tensors"
+            if "unsupported global" in str(e).lower()
+            else "torch cannot read it"
+        )
+        raise SeppError(f"{where} is not a checkpoint ({held}): {CHECKPOINT_IS}") from e
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise SeppError(f"{where} holds a {type(state).__name__}, not a state dict")
+        kind = type(state).__name__
+        raise SeppError(f"{where} holds a {kind}, not a state dict: {CHECKPOINT_IS}")
     return state
+
+
+def checkpoint_manifest(uri: str) -> dict[str, Any]:
+    """The manifest of a checkpoint location, or a SeppError saying what ``uri`` is instead."""
+    try:
+        m = read_manifest(uri)
+    except IncompleteError as e:
+        raise SeppError(
+            f"{uri} is not a checkpoint: it holds no complete sepp-ray output ({e}). "
+            "Pass a location written by `sepp pretrain` (or save_backbone)."
+        ) from e
+    if m.get("kind") != "checkpoint":
+        raise SeppError(
+            f"{uri} is a {m.get('kind')!r} output, not a checkpoint: pass a location written "
+            "by `sepp pretrain` (or save_backbone)"
+        )
+    return m
 
 
 def load_into(module: nn.Module, state: dict[str, torch.Tensor], arch: str, where: str) -> None:
@@ -104,10 +134,7 @@ def load_into(module: nn.Module, state: dict[str, torch.Tensor], arch: str, wher
 
 def load_backbone(uri: str) -> tuple[nn.Module, BackboneMeta, str]:
     """A checkpoint's backbone (eval mode, CPU), its meta, and the weights' sha256."""
-    manifest = read_manifest(uri)
-    if manifest.get("kind") != "checkpoint":
-        raise SeppError(f"{uri} is a {manifest.get('kind')!r} output, not a checkpoint")
-    b = manifest["backbone"]
+    b = checkpoint_manifest(uri)["backbone"]
     meta = BackboneMeta(
         b["name"],
         bool(b["cifar_stem"]),
@@ -135,5 +162,8 @@ def load_state_file(uri: str) -> tuple[dict[str, torch.Tensor], str]:
     if path.endswith(".safetensors"):
         from safetensors.torch import load as load_safetensors
 
-        return dict(load_safetensors(data)), digest
+        try:
+            return dict(load_safetensors(data)), digest
+        except Exception as e:
+            raise SeppError(f"{uri} is not a checkpoint (not safetensors): {CHECKPOINT_IS}") from e
     return _load_state(data, uri), digest

@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
+from sepp_ray.data.images import center_view
 from sepp_ray.errors import SeppError
 
 Batch = dict[str, np.ndarray]
@@ -89,18 +90,6 @@ def random_resized_crop(img: Image.Image, spec: CropSpec, rng: np.random.Generat
         (spec.size, spec.size), Image.Resampling.BILINEAR, box=(left, top, left + cw, top + ch)
     )
     return np.asarray(out)
-
-
-def center_view(img: Image.Image, size: int) -> np.ndarray:
-    """Shorter side to ``size`` (bicubic), then the central size x size square."""
-    w, h = img.size
-    if (w, h) != (size, size):
-        s = size / min(w, h)
-        nw, nh = max(size, round(w * s)), max(size, round(h * s))
-        img = img.resize((nw, nh), Image.Resampling.BICUBIC)
-        left, top = (nw - size) // 2, (nh - size) // 2
-        img = img.crop((left, top, left + size, top + size))
-    return np.asarray(img)
 
 
 def _full(img: Image.Image, size: int) -> np.ndarray:

@@ -1,8 +1,9 @@
 """`sepp pretrain`: SSL pretraining with semantic positive pairs on Ray Train.
 
-The driver checks everything it can before taking cluster resources (method, hyperparameters,
-pair modes, labels, batch size), plans the data (`sepp_ray.train.dataplane`: pair items written
-once by a Ray Data job, row groups counted in tasks, no image bytes in the driver), and runs a
+The driver checks every setting before reading data or taking cluster resources
+(`PretrainConfig.validate`), then the dataset (split, labels, image size); it plans the data
+(`sepp_ray.train.dataplane`: pair items written once by a Ray Data job, row groups counted in
+tasks, no image bytes in the driver), resolves the run into one `WorkerConfig`, and runs a
 TorchTrainer: DDP over ``workers`` (gloo on CPU, NCCL on GPUs), each rank streaming its rows of
 every epoch through parallel decode tasks, ``FailureConfig`` restarts, and resume from the
 newest complete checkpoint.
@@ -14,130 +15,32 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from dataclasses import asdict, replace
+from functools import partial
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from sepp_ray.config import opt
 from sepp_ray.data.dataset import ImageDataset
 from sepp_ray.errors import SeppError
 from sepp_ray.resources import ensure_gpus, gpu_wait
 from sepp_ray.shared_storage import check_shared_storage
-from sepp_ray.storage import Location, absolute, begin_write, finish_write, read_manifest
-from sepp_ray.train.items import PairsConfig, plan_items
+from sepp_ray.storage import (
+    Location,
+    absolute,
+    begin_write,
+    finish_write,
+    ray_storage_filesystem,
+    ray_storage_path,
+    read_manifest,
+)
+from sepp_ray.train.config import PretrainConfig, WorkerConfig
+from sepp_ray.train.items import plan_items
 
-if TYPE_CHECKING:
-    from sepp_ray.train.optim_defaults import OptimRecipe
+__all__ = ["PretrainConfig", "pretrain"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class PretrainConfig:
-    dataset: str = opt("", "an image dataset URI (the output of `sepp ingest`)")
-    out: str = opt("", "output URI: checkpoints/, tensorboard/, manifest")
-    split: str = opt("train", "the split to train on")
-    method: str = opt("simclr", "SSL method (see `sepp_ray.methods.list_methods()`)")
-    backbone: str = opt("resnet18", "timm model name")
-    cifar_stem: bool = opt(True, "3x3 stride-1 first conv, no max-pool (32 px data)")
-    image_size: int | None = opt(None, "training resolution (default: the dataset's size)")
-    hparams: dict[str, Any] = opt({}, "method hyperparameter overrides, e.g. {temperature: 0.5}")
-    recipe: str | None = opt(None, "augmentation recipe (default: the method's own)")
-    drop_augment: list[str] = opt(
-        [],
-        "transforms to remove: crop, flip, jitter, grayscale, "
-        "blur, solarize (the transformation ablation)",
-    )
-    epochs: int = opt(100, "training epochs")
-    batch_size: int = opt(512, "global batch (items; each yields two views)")
-    # optimiser settings: None takes the method's paper recipe (sepp_ray.train.optim_defaults)
-    optimizer: str | None = opt(None, "lars, sgd or adamw (default: the method's)")
-    base_lr: float | None = opt(None, "learning rate at batch 256, scaled by lr_scaling")
-    lr_scaling: str | None = opt(None, "linear, sqrt or none (linear: lr = base_lr x batch / 256)")
-    final_lr: float | None = opt(None, "learning rate at the end of the cosine schedule")
-    weight_decay: float | None = opt(None, "weight decay (constant unless weight_decay_end)")
-    weight_decay_end: float | None = opt(None, "weight decay at the end (a cosine schedule)")
-    warmup_epochs: int | None = opt(None, "linear warm-up epochs")
-    grad_clip: float | None = opt(None, "global gradient norm clip (0: none)")
-    workers: int = opt(1, "Ray Train workers (one GPU each when use_gpu)")
-    use_gpu: bool | None = opt(None, "default: when the cluster has GPUs")
-    cpus_per_worker: float = opt(1.0, "CPUs reserved per training worker")
-    amp: str = opt("auto", "auto (bf16 on GPU), bf16 or off")
-    channels_last: bool = opt(True, "channels_last memory format on GPU")
-    compile: bool = opt(False, "torch.compile the model")
-    sync_bn: bool = opt(False, "synchronised BatchNorm across workers")
-    shuffle_buffer: int = opt(4096, "rows mixed in each worker's shuffle buffer (capped at 512 MB)")
-    read_ahead: int = opt(8, "row groups each worker has read and decoded ahead (Ray tasks)")
-    decode_cpus: float = opt(1.0, "CPUs of each read-and-decode task")
-    decode_on: str = opt(
-        "cpu",
-        "cpu: decode in the read tasks; gpu: ship JPEG bytes and decode them on the training "
-        "device (nvJPEG; JPEG shards stored at the training size)",
-    )
-    budget_steps: int | None = opt(
-        None,
-        "optimizer steps of the run (equal compute across compared arms: extra pair items "
-        "then mean fewer epochs, not more steps); none: epochs x items // batch_size",
-    )
-    checkpoint_every: int = opt(10, "epochs between checkpoints (the last epoch always)")
-    keep_checkpoints: int = opt(2, "newest checkpoints kept")
-    gpu_wait_s: float | None = opt(
-        None,
-        "use_gpu with fewer GPUs than workers: ask the autoscaler for them and wait this long "
-        "(set it on an autoscaling cluster, e.g. 900); 0: fail at once; none: $SEPP_GPU_WAIT_S "
-        "or 0 (sepp_ray.resources)",
-    )
-    preflight: bool = opt(
-        True, "one forward/backward at the local batch before training: a batch too big fails fast"
-    )
-    preflight_limit_gb: float | None = opt(
-        None, "memory the pre-flight step may peak at, in GiB (default: what the device has)"
-    )
-    max_failures: int = opt(3, "worker failures to recover from (resume from a checkpoint)")
-    knn_monitor: bool = opt(True, "kNN accuracy on the validation split during training")
-    monitor_split: str = opt(
-        "val", "the split the kNN monitor queries (model selection: never the test split)"
-    )
-    knn_every: int = opt(5, "epochs between kNN monitor evaluations (and the last)")
-    knn_k: int = opt(200, "neighbours of the kNN monitor")
-    knn_max_train: int = opt(10_000, "at most this many train images in the kNN monitor")
-    knn_max_test: int = opt(2_000, "at most this many validation images in the kNN monitor")
-    seed: int = opt(0, "seed of weights, augmentation and shuffling")
-    overwrite: bool = opt(False, "start over, replacing a complete run at `out`")
-    pairs: PairsConfig = field(default_factory=PairsConfig)
-
-    def optim_recipe(self) -> OptimRecipe:
-        """The method's optimiser recipe with this config's settings applied."""
-        from sepp_ray.train.optim_defaults import config_recipe
-
-        return config_recipe(vars(self))
-
-    def validate(self) -> None:
-        from sepp_ray.data.recipes import check_drop
-        from sepp_ray.methods import make_hparams
-
-        if not self.dataset or not self.out:
-            raise SeppError("pretrain needs DATASET and OUT (see `sepp pretrain --help`)")
-        make_hparams(self.method, **self.hparams)
-        check_drop(tuple(self.drop_augment))
-        self.optim_recipe().peak_lr(self.batch_size)  # names and values checked here
-        for name in ("epochs", "batch_size", "workers", "checkpoint_every", "knn_every"):
-            if getattr(self, name) < 1:
-                raise SeppError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.batch_size % self.workers:
-            raise SeppError(
-                f"batch_size {self.batch_size} must divide evenly over {self.workers} workers"
-            )
-        self.pairs.validate()
-        if self.decode_on not in ("cpu", "gpu"):
-            raise SeppError(f"decode_on must be cpu or gpu, got {self.decode_on!r}")
-        if self.pairs.pairs:  # a mode the method cannot honour fails here, not after training
-            from sepp_ray.methods import check_pair_use
-            from sepp_ray.train.step import pair_use_of_mode
-
-            check_pair_use(self.method, pair_use_of_mode(self.pairs.mode))
 
 
 def _image_size(ds: ImageDataset, cfg: PretrainConfig) -> int:
@@ -174,7 +77,7 @@ def _monitor(ds: ImageDataset, cfg: PretrainConfig, size: int) -> dict[str, Any]
 
 
 def _read_pairs_table(uri: str) -> Any:
-    from sepp_ray.mining.pairs_report import read_pairs
+    from sepp_ray.mining.tables import read_pairs
 
     return read_pairs(uri)
 
@@ -199,6 +102,7 @@ def pretrain(cfg: PretrainConfig, callbacks: list[Any] | None = None) -> dict[st
     ``callbacks``: Ray Train callbacks for the run, e.g. the one by which a sweep trial
     forwards each epoch's metrics (the kNN monitor) to Tune's scheduler (``sweep_trial``).
     """
+    cfg.validate()  # every setting, before reading data or taking a Ray resource
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -220,7 +124,6 @@ def pretrain(cfg: PretrainConfig, callbacks: list[Any] | None = None) -> dict[st
     from sepp_ray.train.step import pair_use_of_mode
     from sepp_ray.train.worker import train_loop
 
-    cfg.validate()
     cfg = _absolute_uris(cfg)
     ds = ImageDataset.open(cfg.dataset)
     if cfg.split not in ds.manifest["splits"]:
@@ -305,28 +208,46 @@ def pretrain(cfg: PretrainConfig, callbacks: list[Any] | None = None) -> dict[st
     optim = cfg.optim_recipe()
     lr = optim.peak_lr(cfg.batch_size)
     monitor = _monitor(ds, cfg, size)
-    loop_cfg = {
-        **{k: v for k, v in asdict(cfg).items() if k != "pairs"},
-        "hparams": hparams,
-        "image_size": size,
-        "lr": lr,
-        "pair_use": pair_use,
-        "data": data,
-        "warmup_steps": min(optim.warmup_steps(steps_per_epoch, epochs), total_steps - 1),
-        "monitor": monitor,
-        "num_classes": max(1, len(ds.classes)),
-    }
+    worker = WorkerConfig(
+        method=cfg.method,
+        backbone=cfg.backbone,
+        cifar_stem=cfg.cifar_stem,
+        hparams=hparams,
+        image_size=size,
+        recipe=recipe,
+        seed=cfg.seed,
+        sync_bn=cfg.sync_bn,
+        channels_last=cfg.channels_last,
+        compile=cfg.compile,
+        amp=cfg.amp,
+        pair_use=pair_use,
+        optim=optim,
+        lr=lr,
+        warmup_steps=min(optim.warmup_steps(steps_per_epoch, epochs), total_steps - 1),
+        data=data,
+        workers=cfg.workers,
+        preflight=cfg.preflight,
+        preflight_limit_gb=cfg.preflight_limit_gb,
+        dataset=cfg.dataset,
+        split=cfg.split,
+        out=cfg.out,
+        checkpoint_every=cfg.checkpoint_every,
+        keep_checkpoints=cfg.keep_checkpoints,
+        monitor=monitor,
+        knn_every=cfg.knn_every,
+        knn_k=cfg.knn_k,
+        num_classes=max(1, len(ds.classes)),
+    )
     storage = Location(cfg.out).child("_ray")
     run_config = RunConfig(
         name="train",
-        storage_path=_storage_path(storage.uri),
-        storage_filesystem=_storage_fs(storage.uri),
+        storage_path=ray_storage_path(storage.uri),
+        storage_filesystem=ray_storage_filesystem(storage.uri),
         failure_config=FailureConfig(max_failures=cfg.max_failures),
         callbacks=callbacks,
     )
     trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=loop_cfg,
+        partial(train_loop, worker),  # the one typed object every rank reads
         scaling_config=ScalingConfig(
             num_workers=cfg.workers,
             use_gpu=use_gpu,
@@ -437,19 +358,3 @@ def _history(ckpt_uri: str) -> tuple[list[dict[str, Any]], list[int], list[str]]
         list(state.get("starts", [])),
         list(state.get("nodes", [])),
     )
-
-
-def _storage_path(uri: str) -> str:
-    from sepp_ray.storage import filesystem, is_remote
-
-    return filesystem(uri)[1] if is_remote(uri) else Location(uri).path
-
-
-def _storage_fs(uri: str) -> Any:
-    from sepp_ray.storage import filesystem, is_remote
-
-    if not is_remote(uri):
-        return None
-    import pyarrow.fs as pafs
-
-    return pafs.PyFileSystem(pafs.FSSpecHandler(filesystem(uri)[0]))

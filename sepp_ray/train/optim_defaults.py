@@ -225,8 +225,8 @@ def resolve_optim(method: str, overrides: Mapping[str, Any] | None = None) -> Op
 
 
 def config_recipe(config: Mapping[str, Any]) -> OptimRecipe:
-    """The recipe of a pretraining config given as a mapping (a PretrainConfig's fields, or the
-    dict the driver hands each worker): its `method` with its `OVERRIDES` applied."""
+    """The recipe of a pretraining config given as a mapping (a PretrainConfig's fields): its
+    `method` with its `OVERRIDES` applied."""
     return resolve_optim(config["method"], {k: config.get(k) for k in OVERRIDES})
 
 

@@ -28,6 +28,7 @@ import torch
 
 from sepp_ray import dist
 from sepp_ray.errors import SeppError
+from sepp_ray.train.step import rng_state, set_rng_state
 
 if TYPE_CHECKING:
     from sepp_ray.storage import Location
@@ -121,7 +122,7 @@ def find_fit(
     """Attempts at ``local_batch``, then halving while none fits (down to MIN_BATCH). The
     model's state and all random state are as before afterwards."""
     state = copy.deepcopy(trainer.method.state_dict())
-    rng = trainer.rng_state()
+    rng = rng_state(trainer.augment, trainer.device)
     was_training = trainer.method.training
     trainer.method.train()
     attempts: list[Attempt] = []
@@ -134,7 +135,7 @@ def find_fit(
             n = max(MIN_BATCH, n // 2)
     finally:
         trainer.method.load_state_dict(state)
-        trainer.set_rng_state(rng)
+        set_rng_state(rng, trainer.augment, trainer.device)
         trainer.method.train(was_training)
     return attempts
 
@@ -179,28 +180,39 @@ def _memory_of(device: torch.device, limit_bytes: int | None) -> str:
     return "memory"
 
 
-def run_preflight(trainer: Trainer, c: dict[str, Any], rank: int) -> bool:
-    """The worker's check (``c``: the train loop's config). True when the local batch does not
-    fit: every rank then stops, and rank 0 has left the error for the driver in OUT."""
+def run_preflight(
+    trainer: Trainer,
+    rank: int,
+    *,
+    out: str,
+    local_batch: int,
+    image_size: int,
+    workers: int,
+    backbone: str,
+    limit_gb: float | None = None,
+    enabled: bool = True,
+) -> bool:
+    """The worker's check. True when ``local_batch`` does not fit: every rank then stops, and
+    rank 0 has left the error for the driver in ``out``. ``limit_gb``: the peak allowed, in GiB
+    (None: what the device has); ``enabled=False`` (``preflight=false``) skips the check."""
     from sepp_ray.storage import Location
 
-    if not c.get("preflight", True):
+    if not enabled:
         return False
-    gb = c.get("preflight_limit_gb")
-    limit = None if gb is None else int(gb * GiB)
-    attempts = find_fit(trainer, c["data"].feed.local_batch, int(c["image_size"]), limit)
+    limit = None if limit_gb is None else int(limit_gb * GiB)
+    attempts = find_fit(trainer, local_batch, image_size, limit)
     error = preflight_error(
         attempts,
-        workers=int(c["workers"]),
-        backbone=str(c["backbone"]),
-        image_size=int(c["image_size"]),
+        workers=workers,
+        backbone=backbone,
+        image_size=image_size,
         device=trainer.device,
         limit_bytes=limit,
     )
     if error is None:
         return False
     if rank == 0:
-        Location(c["out"]).write_bytes(PREFLIGHT_FAILED, json.dumps({"error": error}).encode())
+        Location(out).write_bytes(PREFLIGHT_FAILED, json.dumps({"error": error}).encode())
     return True
 
 

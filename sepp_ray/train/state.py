@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from sepp_ray.errors import SeppError
 from sepp_ray.models.checkpoint import BackboneMeta, save_backbone
 from sepp_ray.storage import Location, read_manifest
 
@@ -78,5 +79,13 @@ def load_training_state(uri: str) -> tuple[dict[str, Any], dict[str, Any]]:
     manifest = read_manifest(uri)
     loc = Location(uri)
     with loc.fs.open(loc.join(STATE_FILE), "rb") as f:
-        state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=False)
+        data = f.read()
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    except Exception as e:  # torch's own message names its unpickler, not the damaged file
+        raise SeppError(
+            f"{loc.join(STATE_FILE)} is not a training state saved by `sepp pretrain`: "
+            f"the checkpoint {uri} is damaged; delete it to resume from the one before, or "
+            "pass overwrite=true to start over"
+        ) from e
     return state, manifest

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -305,12 +305,14 @@ class Trainer:
         self._interval_steps += 1
 
     def read_metrics(self) -> dict[str, float]:
-        """Means over the steps since the last read: the one host sync of a logging interval.
+        """Means over the steps since the last read.
 
-        Tensor metrics (`loss` among them) are averaged over ranks too (one all-reduce); `lr`
-        is the last step's; `steps` counts the interval's steps. Every rank must call it at
-        the same step, and every rank then raises NonFiniteLossError if any rank saw a
-        non-finite loss in the interval, so none is left waiting in a collective.
+        Two all-reduces (the sums, and the earliest non-finite step) then one read of their
+        values on the host: the interval's only wait for the device. Tensor metrics (`loss`
+        among them) are averaged over ranks too; `lr` is the last step's; `steps` counts the
+        interval's steps. Every rank must call it at the same step, and every rank then raises
+        NonFiniteLossError if any rank saw a non-finite loss in the interval, so none is left
+        waiting in a collective.
         """
         if self._interval_steps == 0:
             raise SeppError("read_metrics: no training step since the last read")
@@ -320,7 +322,7 @@ class Trainer:
         sums = dist.all_reduce_sum(torch.cat([local, self._bad[:1]]))
         # the max over ranks of -(1 + first bad step) finds the earliest bad step of all ranks
         first_bad = dist.all_reduce_max(torch.where(self._bad[1] > 0, -self._bad[1], -3e38))
-        values = torch.cat([sums, first_bad.reshape(1)]).tolist()  # the host sync
+        values = torch.cat([sums, first_bad.reshape(1)]).tolist()  # waits for the device
         steps, ws = self._interval_steps, dist.world_size()
         n_bad, first = values[-2], values[-1]
         if n_bad > 0:
@@ -344,14 +346,6 @@ class Trainer:
         self._interval_steps = 0
         self._last_lr = 0.0
 
-    def rng_state(self) -> dict[str, Any]:
-        """All random state of this rank, augment generator included (see `rng_state`)."""
-        return rng_state(self.augment, self.device)
-
-    def set_rng_state(self, state: dict[str, Any]) -> None:
-        """Restore what `Trainer.rng_state` returned."""
-        set_rng_state(state, self.augment, self.device)
-
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -363,16 +357,14 @@ def train_epoch(
     batches: Iterable[dict[str, Any]],
     epoch: int,
     start_step: int,
-    on_step: Callable[[int, dict[str, float]], None] | None = None,
     log_every: int = 0,
 ) -> dict[str, float]:
     """Run `trainer.train_step` over `batches`, global steps start_step, start_step + 1, ...
 
-    Metrics are read from the device (`Trainer.read_metrics`, the only host sync) every
-    `log_every` steps (0 = once, at the end of the epoch) and at the end; `on_step(step,
-    metrics)` gets each read: the means over the steps since the previous one. Returns the
-    epoch's means, `lr` of the last step, `steps`, `pairs_per_s` (items of this rank per second
-    of wall time, data loading included, GPU synchronised at both ends), `last_step` and
+    Metrics are read from the device (`Trainer.read_metrics`, the loop's only wait for the
+    device) every `log_every` steps (0 = once, at the end of the epoch) and at the end. Returns
+    the epoch's means, `lr` of the last step, `steps`, `pairs_per_s` (items of this rank per
+    second of wall time, data loading included, GPU synchronised at both ends), `last_step` and
     `next_step`. NonFiniteLossError from the read that saw a non-finite loss.
     """
     if log_every < 0:
@@ -383,29 +375,27 @@ def train_epoch(
     steps = items = 0
     metrics: dict[str, float] = {}
 
-    def read(step: int) -> None:
+    def read() -> None:
         nonlocal metrics
         metrics = trainer.read_metrics()
         n = metrics["steps"]
         for k, v in metrics.items():
             if k not in ("lr", "steps"):
                 sums[k] = sums.get(k, 0.0) + v * n
-        if on_step is not None:
-            on_step(step, metrics)
 
     for batch in batches:
         trainer.train_step(batch, epoch, start_step + steps)
         items += len(batch["id"])
         steps += 1
         if log_every and steps % log_every == 0:
-            read(start_step + steps - 1)
+            read()
     if steps == 0:
         raise SeppError(
             f"epoch {epoch} got no batches: the dataset shard of this rank is empty or smaller "
             "than one batch (drop_last); use a smaller batch or more data"
         )
     if not log_every or steps % log_every:
-        read(start_step + steps - 1)
+        read()
     _sync(trainer.device)
     elapsed = time.perf_counter() - start
     out = {k: v / steps for k, v in sums.items()}

@@ -12,10 +12,13 @@ import json
 import logging
 import tempfile
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from sepp_ray.train.config import WorkerConfig
 
 log = logging.getLogger(__name__)
 
@@ -29,17 +32,10 @@ def _features(
     batch: int = 512,
 ) -> torch.Tensor:
     """Backbone features of un-augmented uint8 images (N x S x S x 3), eval mode."""
-    was_training = method.training
-    method.eval()
-    out = []
-    with torch.inference_mode():
-        for i in range(0, len(images), batch):
-            x = torch.from_numpy(images[i : i + batch]).to(device).permute(0, 3, 1, 2).float()
-            x = (x / 255.0 - mean) / std
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                out.append(method(x).float())
-    method.train(was_training)
-    return torch.cat(out)
+    from sepp_ray.models.encode import encode
+
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2)  # N x 3 x S x S, a view
+    return encode(method, pixels, mean, std, device, batch_size=batch)
 
 
 def load_monitor(refs: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -64,7 +60,7 @@ def knn_monitor(
     mean: torch.Tensor,
     std: torch.Tensor,
 ) -> dict[str, float]:
-    from sepp_ray.eval.knn import knn_classify
+    from sepp_ray.models.knn import knn_classify
 
     tr = _features(method, monitor["train_images"], mean, std, device)
     te = _features(method, monitor["query_images"], mean, std, device)
@@ -130,8 +126,8 @@ def _on_device(batches: Any, device: torch.device, pin_ahead: int = 2) -> Any:
             yield {k: torch.from_numpy(v) for k, v in b.items()}
 
 
-def train_loop(config: dict[str, Any]) -> None:
-    """Ray Train's ``train_loop_per_worker``."""
+def train_loop(cfg: WorkerConfig) -> None:
+    """Ray Train's ``train_loop_per_worker``; ``cfg`` is the run the driver resolved."""
     import ray.train
     import ray.train.torch
     import torch.distributed as tdist
@@ -139,11 +135,9 @@ def train_loop(config: dict[str, Any]) -> None:
 
     from sepp_ray import dist
     from sepp_ray.data.augment import GPUAugment
-    from sepp_ray.data.recipes import get_recipe
     from sepp_ray.methods import create_method
     from sepp_ray.models.checkpoint import BackboneMeta
     from sepp_ray.storage import Location
-    from sepp_ray.train.optim_defaults import config_recipe
     from sepp_ray.train.preflight import run_preflight
     from sepp_ray.train.progress import write_progress
     from sepp_ray.train.state import (
@@ -163,62 +157,70 @@ def train_loop(config: dict[str, Any]) -> None:
         train_epoch,
     )
 
-    c = config
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    seed = seed_everything(c["seed"], rank)
-    torch.manual_seed(c["seed"])  # identical initial weights on every rank
+    seed = seed_everything(cfg.seed, rank)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     method = create_method(
-        c["method"], backbone=c["backbone"], cifar_stem=c["cifar_stem"], **c["hparams"]
+        cfg.method, backbone=cfg.backbone, cifar_stem=cfg.cifar_stem, **cfg.hparams
     )
     torch.manual_seed(seed)
-    if c["sync_bn"] and world > 1:
+    if cfg.sync_bn and world > 1:
         method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
     cuda = device.type == "cuda"
     if cuda:  # fixed input shapes: let cuDNN time its convolution algorithms once and keep the best
         torch.backends.cudnn.benchmark = True
-    channels_last = bool(c["channels_last"]) and cuda
+    channels_last = cfg.channels_last and cuda
     loss_module = prepare_loss_module(method, device, channels_last=channels_last)
     model: torch.nn.Module = loss_module
     if world > 1:
         model = DistributedDataParallel(
             loss_module, device_ids=[device.index] if cuda else None, broadcast_buffers=False
         )
-    if c["compile"]:
+    if cfg.compile:
         # compiled around DDP, as the DDP notes ask ("apply the DDP model wrapper before
         # compiling the model"): TorchDynamo's DDPOptimizer then splits the graph at DDP's
         # bucket boundaries, so gradient all-reduce still overlaps the backward. The step has
         # no host sync after its first (sepp_ray.train.step), so no graph breaks on one.
         model = torch.compile(model)  # type: ignore[assignment]
-    recipe = get_recipe(
-        c["recipe"] or method.default_recipe, c["image_size"], drop=tuple(c["drop_augment"])
-    )
+    data = cfg.data
+    recipe = cfg.recipe
     # crop decoding: each view's crop was taken on the CPU from the stored image
-    gpu_recipe = recipe.with_drop(("crop",)) if c["data"].spec.mode == "crop" else recipe
+    gpu_recipe = recipe.with_drop(("crop",)) if data.spec.mode == "crop" else recipe
     augment = GPUAugment(gpu_recipe, seed=seed, channels_last=channels_last)
-    optim = config_recipe(c)  # the driver's recipe: same fields, same function
-    optimizer = optim.build(method, c["lr"])
+    optim = cfg.optim
+    optimizer = optim.build(method, cfg.lr)
     trainer = Trainer(
         model,
         method,
         augment,
         optimizer,
         StepConfig(
-            amp=c["amp"],
+            amp=cfg.amp,
             channels_last=channels_last,
             grad_clip=optim.grad_clip,
-            pair_use=c["pair_use"],
+            pair_use=cfg.pair_use,
         ),
-        total_steps=c["data"].total_steps,
-        warmup_steps=c["warmup_steps"],
-        base_lr=c["lr"],
-        final_lr=optim.end_lr(c["lr"]),
+        total_steps=data.total_steps,
+        warmup_steps=cfg.warmup_steps,
+        base_lr=cfg.lr,
+        final_lr=optim.end_lr(cfg.lr),
     )
-    if run_preflight(trainer, c, rank):
+    if run_preflight(
+        trainer,
+        rank,
+        out=cfg.out,
+        local_batch=data.feed.local_batch,
+        image_size=cfg.image_size,
+        workers=cfg.workers,
+        backbone=cfg.backbone,
+        limit_gb=cfg.preflight_limit_gb,
+        enabled=cfg.preflight,
+    ):
         return  # the local batch does not fit the device: rank 0 left the error for the driver
     start_epoch, history, starts = 0, [], []
-    latest = latest_checkpoint(c["out"])
+    latest = latest_checkpoint(cfg.out)
     if latest is not None:
         state, _ = load_training_state(latest[1])
         method.load_state_dict(state["method"])
@@ -235,20 +237,19 @@ def train_loop(config: dict[str, Any]) -> None:
         nodes = [None] * world
         tdist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     meta = BackboneMeta(
-        c["backbone"],
-        c["cifar_stem"],
+        cfg.backbone,
+        cfg.cifar_stem,
         method.feat_dim,
-        c["image_size"],
+        cfg.image_size,
         tuple(recipe.view1.mean),  # type: ignore[arg-type]
         tuple(recipe.view1.std),  # type: ignore[arg-type]
     )
     mean = torch.tensor(meta.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(meta.std, device=device).view(1, 3, 1, 1)
-    monitor = load_monitor(c["monitor"]) if c["monitor"] is not None and rank == 0 else None
-    board = _Board(c["out"]) if rank == 0 else None
-    data = c["data"]
+    monitor = load_monitor(cfg.monitor) if cfg.monitor is not None and rank == 0 else None
+    board = _Board(cfg.out) if rank == 0 else None
     method.train()
-    epochs = c["data"].epochs  # the plan's: a step budget may stop the last one part way
+    epochs = data.epochs  # the plan's: a step budget may stop the last one part way
     for epoch in range(start_epoch, epochs):
         t0 = time.perf_counter()
         steps = data.steps_in(epoch)
@@ -259,7 +260,7 @@ def train_loop(config: dict[str, Any]) -> None:
             # every rank stops here together (the check is collective); rank 0 leaves the reason
             # where the driver looks, since a raise would make Ray Train retry the same divergence
             if rank == 0:
-                Location(c["out"]).write_bytes(DIVERGED, json.dumps({"error": str(e)}).encode())
+                Location(cfg.out).write_bytes(DIVERGED, json.dumps({"error": str(e)}).encode())
             return
         if int(stats["steps"]) != steps:
             raise RuntimeError(f"rank {rank} got {stats['steps']} of {steps} steps")
@@ -270,12 +271,12 @@ def train_loop(config: dict[str, Any]) -> None:
             "pairs_per_s": stats["pairs_per_s"] * world,
             "epoch_seconds": time.perf_counter() - t0,
         }
-        if monitor is not None and ((epoch + 1) % c["knn_every"] == 0 or epoch + 1 == epochs):
+        if monitor is not None and ((epoch + 1) % cfg.knn_every == 0 or epoch + 1 == epochs):
             if rank == 0:
-                knn = knn_monitor(method, monitor, c["num_classes"], c["knn_k"], device, mean, std)
+                knn = knn_monitor(method, monitor, cfg.num_classes, cfg.knn_k, device, mean, std)
                 metrics["knn_top1"], metrics["knn_top5"] = knn["top1"], knn["top5"]
         history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-        save_now = (epoch + 1) % c["checkpoint_every"] == 0 or epoch + 1 == epochs
+        save_now = (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == epochs
         if save_now:
             rngs = [rng_state(augment, device)]
             if dist.is_dist():
@@ -293,18 +294,18 @@ def train_loop(config: dict[str, Any]) -> None:
                     "nodes": nodes,
                 }
                 save_training_checkpoint(
-                    c["out"],
+                    cfg.out,
                     epoch + 1,
                     method.backbone,
                     meta,
                     state,
                     {
-                        "method": c["method"],
+                        "method": cfg.method,
                         "optimizer": optim.optimizer,
                         "metrics": history[-1],
-                        "dataset": {"uri": c["dataset"], "split": c["split"]},
+                        "dataset": {"uri": cfg.dataset, "split": cfg.split},
                     },
-                    keep=c["keep_checkpoints"],
+                    keep=cfg.keep_checkpoints,
                 )
             if dist.is_dist():
                 tdist.barrier()
@@ -312,5 +313,5 @@ def train_loop(config: dict[str, Any]) -> None:
             board.log(metrics, epoch + 1)
             shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch")
             print(f"[sepp] epoch {epoch + 1}/{epochs} {shown}", flush=True)
-            write_progress(c["out"], epoch + 1, epochs, metrics)
+            write_progress(cfg.out, epoch + 1, epochs, metrics)
         ray.train.report(metrics)

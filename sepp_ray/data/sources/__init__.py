@@ -4,16 +4,26 @@ from __future__ import annotations
 
 import os
 import posixpath
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sepp_ray.config import opt
 from sepp_ray.data.sources.base import RawItem, Source, WorkUnit, image_id
 from sepp_ray.errors import SeppError
+from sepp_ray.registry import Registry
 from sepp_ray.storage import check_reachable, filesystem
 
-__all__ = ["RawItem", "Source", "WorkUnit", "image_id", "SourceOptions", "open_source", "FORMATS"]
+__all__ = [
+    "RawItem",
+    "Source",
+    "WorkUnit",
+    "image_id",
+    "SourceOptions",
+    "open_source",
+    "FORMATS",
+    "SOURCES",
+]
 
-FORMATS = ("auto", "imagefolder", "cifar10", "cifar100", "stl10", "parquet", "digits", "synthetic")
 BUILTIN = ("digits", "synthetic")
 DOWNLOADABLE = ("cifar10", "cifar100", "stl10")
 
@@ -55,6 +65,82 @@ class SourceOptions:
         "imagefolder: strict refuses a layout that may be misread (a lone folder holding a "
         "split's images, classes in an evaluation split only); warn ingests it as seen",
     )
+
+
+# Format name -> `opener(spec, options) -> Source`. Openers import their source kind lazily: a
+# kind's readers (and their dependencies) load only when that format is used.
+SOURCES: Registry[Callable[[str, SourceOptions], Source]] = Registry("source format")
+
+
+@SOURCES.register("imagefolder")
+def _imagefolder(spec: str, o: SourceOptions) -> Source:
+    from sepp_ray.data.sources.imagefolder import ImageFolderSource
+    from sepp_ray.data.sources.labels import parse_splits_option
+
+    return ImageFolderSource(
+        spec,
+        chunk_size=o.chunk_size,
+        label_files=parse_splits_option(o.label_files, "source_options.label_files"),
+        unlabeled_splits=tuple(s.strip() for s in o.unlabeled_splits.split(",") if s.strip()),
+        layout_check=o.layout_check,
+    )
+
+
+@SOURCES.register("cifar10")
+def _cifar10(spec: str, o: SourceOptions) -> Source:
+    from sepp_ray.data.sources.cifar import Cifar10Source
+
+    return Cifar10Source(spec, chunk_size=o.chunk_size)
+
+
+@SOURCES.register("cifar100")
+def _cifar100(spec: str, o: SourceOptions) -> Source:
+    from sepp_ray.data.sources.cifar import Cifar100Source
+
+    return Cifar100Source(spec, label_kind=o.cifar100_labels, chunk_size=o.chunk_size)
+
+
+@SOURCES.register("stl10")
+def _stl10(spec: str, o: SourceOptions) -> Source:
+    from sepp_ray.data.sources.stl10 import Stl10Source
+
+    splits = tuple(s.strip() for s in o.stl10_splits.split(",") if s.strip())
+    return Stl10Source(spec, splits=splits, chunk_size=o.chunk_size)
+
+
+@SOURCES.register("parquet")
+def _parquet(spec: str, o: SourceOptions) -> Source:
+    from sepp_ray.data.sources.parquet_table import ParquetTableSource
+
+    return ParquetTableSource(
+        spec,
+        image_column=o.image_column,
+        label_column=o.label_column,
+        split_column=o.split_column,
+        id_column=o.id_column,
+    )
+
+
+@SOURCES.register("digits")
+def _digits(spec: str, o: SourceOptions) -> Source:
+    from sepp_ray.data.sources.builtin import DigitsSource
+
+    return DigitsSource(
+        size=o.size, test_fraction=o.test_fraction, seed=o.seed, chunk_size=o.chunk_size
+    )
+
+
+@SOURCES.register("synthetic")
+def _synthetic(spec: str, o: SourceOptions) -> Source:
+    from sepp_ray.data.sources.builtin import SyntheticSource
+
+    return SyntheticSource(
+        n=o.n, size=o.size, test_fraction=o.test_fraction, seed=o.seed, chunk_size=o.chunk_size
+    )
+
+
+# What --format accepts: auto (guess from the files, `detect_format`) or a registered kind.
+FORMATS = ("auto", *SOURCES)
 
 
 def detect_format(spec: str) -> str:
@@ -108,48 +194,4 @@ def open_source(spec: str, fmt: str = "auto", options: SourceOptions | None = No
         fmt = detect_format(spec)
     elif fmt not in BUILTIN:
         check_reachable(spec)
-    if fmt == "digits":
-        from sepp_ray.data.sources.builtin import DigitsSource
-
-        return DigitsSource(
-            size=o.size, test_fraction=o.test_fraction, seed=o.seed, chunk_size=o.chunk_size
-        )
-    if fmt == "synthetic":
-        from sepp_ray.data.sources.builtin import SyntheticSource
-
-        return SyntheticSource(
-            n=o.n, size=o.size, test_fraction=o.test_fraction, seed=o.seed, chunk_size=o.chunk_size
-        )
-    if fmt == "imagefolder":
-        from sepp_ray.data.sources.imagefolder import ImageFolderSource
-        from sepp_ray.data.sources.labels import parse_splits_option
-
-        return ImageFolderSource(
-            spec,
-            chunk_size=o.chunk_size,
-            label_files=parse_splits_option(o.label_files, "source_options.label_files"),
-            unlabeled_splits=tuple(s.strip() for s in o.unlabeled_splits.split(",") if s.strip()),
-            layout_check=o.layout_check,
-        )
-    if fmt == "cifar10":
-        from sepp_ray.data.sources.cifar import Cifar10Source
-
-        return Cifar10Source(spec, chunk_size=o.chunk_size)
-    if fmt == "cifar100":
-        from sepp_ray.data.sources.cifar import Cifar100Source
-
-        return Cifar100Source(spec, label_kind=o.cifar100_labels, chunk_size=o.chunk_size)
-    if fmt == "stl10":
-        from sepp_ray.data.sources.stl10 import Stl10Source
-
-        splits = tuple(s.strip() for s in o.stl10_splits.split(",") if s.strip())
-        return Stl10Source(spec, splits=splits, chunk_size=o.chunk_size)
-    from sepp_ray.data.sources.parquet_table import ParquetTableSource
-
-    return ParquetTableSource(
-        spec,
-        image_column=o.image_column,
-        label_column=o.label_column,
-        split_column=o.split_column,
-        id_column=o.id_column,
-    )
+    return SOURCES.get(fmt)(spec, o)

@@ -5,7 +5,7 @@ of every distinct (lo, hi, K) up front, each into ``OUT/pairs-<hash>``: trials t
 sampler config share one mining, and no two trials race to write it. Tune then runs one trial
 per grid point (x ``num_samples`` seeds); each trial launches a Ray Train pretraining run into
 ``OUT/trials/trial-<hash>`` whose per-epoch metrics reach Tune through a Ray Train callback
-(see ``sweep_trial``), so ASHA (arXiv 1810.05934) stops weak trials on the kNN monitor.
+(see ``sepp_ray.tune.trial``), so ASHA (arXiv 1810.05934) stops weak trials on the kNN monitor.
 Selection reads validation only: the monitor queries ``pretrain.monitor_split`` ("val", carved
 from train at ingest), never test, and ranks the trials; the test split is read once, by the
 final evaluation. Every trial takes the plain run's optimizer steps (``equal_compute``), so
@@ -18,153 +18,55 @@ summary is written.
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from typing import Any
 
-from sepp_ray.config import opt
-from sepp_ray.data.ingest import ImageOptions
-from sepp_ray.data.sources import SourceOptions
+from sepp_ray.console import say
+from sepp_ray.data.dataset import dataset_fingerprint
 from sepp_ray.errors import SeppError
-from sepp_ray.mining.mine import MineConfig
-from sepp_ray.prepare import FlowConfig, Stages, _pairs_identity, stage_hash
+from sepp_ray.flow.stages import (
+    Stages,
+    embed_stage,
+    eval_stage,
+    mine_stage,
+    prepare_data,
+    sampler_checkpoint,
+    stage_hash,
+)
 from sepp_ray.resources import ensure_gpus, gpu_wait
 from sepp_ray.shared_storage import check_shared_storage
-from sepp_ray.storage import Location, absolute, begin_write, finish_write
-from sepp_ray.train.budget import epochs_for, plain_steps, planned_items, split_size
-from sepp_ray.train.driver import PretrainConfig, _storage_fs, _storage_path
+from sepp_ray.storage import (
+    Location,
+    absolute,
+    begin_write,
+    finish_write,
+    ray_storage_filesystem,
+    ray_storage_path,
+)
+from sepp_ray.train.budget import plain_steps, split_size
 from sepp_ray.train.items import PairsConfig
+from sepp_ray.tune.report import collect_rows, fill_eval, write_summary
+from sepp_ray.tune.space import (
+    MINING_KEYS,
+    SweepConfig,
+    TrialContext,
+    axes,
+    grid,
+    mining_for,
+    trial_plan,
+    trial_pretrain,
+)
 
 log = logging.getLogger(__name__)
-MINING_KEYS = ("lo", "hi", "k")
-TRAIN_KEYS = ("method", "backbone", "base_lr", "temperature")
-
-
-@dataclass
-class SearchSpace:
-    """Values to grid-search; an empty list keeps the base config's value."""
-
-    lo: list[float] = opt([], "lower cosine thresholds (mining.lo)")
-    hi: list[float] = opt([], "upper cosine thresholds (mining.hi)")
-    k: list[float] = opt([], "anchors: fractions or counts (mining.k)")
-    method: list[str] = opt([], "SSL methods (pretrain.method)")
-    backbone: list[str] = opt([], "backbones (pretrain.backbone)")
-    base_lr: list[float] = opt([], "learning rates at batch 256 (pretrain.base_lr)")
-    temperature: list[float] = opt([], "loss temperatures (pretrain.hparams.temperature)")
-
-
-@dataclass
-class SweepConfig(FlowConfig):
-    out: str = opt("runs/sweep", "stages, trials, Tune state and the summary (local or s3://)")
-    space: SearchSpace = field(default_factory=SearchSpace)
-    pairs_mode: str = opt(
-        "dataset", "how pairs enter training: dataset, multi_positive, both, cancel"
-    )
-    num_samples: int = opt(1, "trials per grid point, seeded pretrain.seed, +1, ...")
-    grace_period: int = opt(
-        1, "ASHA: plain-run epochs (in optimizer steps) every trial runs before it may stop"
-    )
-    reduction_factor: float = opt(2.0, "ASHA: a rung keeps the best 1/reduction_factor")
-    metric: str = opt(
-        "knn_top1", "the per-epoch metric ASHA and the ranking read (knn_*: on the val split)"
-    )
-    mode: str = opt("max", "max or min: whether a larger metric is better")
-    gpus_per_trial: int | None = opt(
-        None,
-        "GPUs (= training workers) per trial; default: pretrain.workers on a GPU cluster, else 0",
-    )
-    cpus_per_trial: float | None = opt(
-        None,
-        "CPUs one trial uses, for the concurrency on "
-        "CPU clusters (default: workers x cpus_per_worker + 1)",
-    )
-    max_concurrent: int | None = opt(
-        None, "trials at once (default: cluster GPUs // gpus_per_trial, or CPUs // cpus_per_trial)"
-    )
-    protocols: list[str] = opt(
-        ["knn"],
-        "evaluation protocols of every trial's last checkpoint ([]: none; the table then shows "
-        "the kNN monitor's last value)",
-    )
-    images: ImageOptions = field(default_factory=ImageOptions)
-    source_options: SourceOptions = field(default_factory=SourceOptions)
-
-
-def axes(c: SweepConfig) -> dict[str, list[Any]]:
-    """The searched keys and their values: the non-empty lists, plus seeds for num_samples."""
-    out = {k: list(dict.fromkeys(v)) for k, v in asdict(c.space).items() if v}
-    if c.num_samples > 1:
-        out["seed"] = [c.pretrain.seed + i for i in range(c.num_samples)]
-    return out
-
-
-def _product(ax: dict[str, list[Any]], keys: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
-    """Every combination of the axes among ``keys`` ([{}] when none is searched)."""
-    sel = {k: v for k, v in ax.items() if keys is None or k in keys}
-    return [dict(zip(sel, vals, strict=True)) for vals in itertools.product(*sel.values())]
-
-
-def mining_for(base: MineConfig, params: dict[str, Any]) -> MineConfig:
-    return replace(base, **{k: params[k] for k in MINING_KEYS if k in params})
-
-
-def trial_pretrain(ctx: dict[str, Any], params: dict[str, Any]) -> PretrainConfig:
-    """The pretraining config of one trial (``out`` left empty; see ``trial_out``)."""
-    base: PretrainConfig = ctx["base"]
-    hparams = dict(base.hparams)
-    if "temperature" in params:
-        hparams["temperature"] = params["temperature"]
-    pairs_key = stage_hash(asdict(mining_for(ctx["mining"], params)))
-    return replace(
-        base,
-        **{k: params[k] for k in ("method", "backbone", "base_lr", "seed") if k in params},
-        hparams=hparams,
-        dataset=ctx["data_uri"],
-        out="",
-        overwrite=False,
-        pairs=PairsConfig(pairs=ctx["pairs"].get(pairs_key), mode=ctx["pairs_mode"]),
-        budget_steps=ctx.get("budget"),
-    )
-
-
-def trial_plan(ctx: dict[str, Any], cfg: PretrainConfig) -> dict[str, int]:
-    """A trial's steps per epoch, optimizer steps and epochs, from the manifests: ASHA's
-    clock, and what tells a finished trial from one ASHA stopped."""
-    n_pairs = ctx.get("num_pairs", {}).get(cfg.pairs.pairs or "", 0)
-    items = planned_items(ctx["n_train"], n_pairs, cfg.pairs.mode)
-    spe = max(1, items // cfg.batch_size)
-    total = cfg.budget_steps or spe * cfg.epochs
-    return {"steps_per_epoch": spe, "total_steps": total, "epochs": epochs_for(total, spe)}
-
-
-def trial_out(ctx: dict[str, Any], cfg: PretrainConfig) -> str:
-    """OUT/trials/trial-<hash of data, config and pairs>: a fresh Tune run reuses it too."""
-    payload = {
-        "data": ctx["data_fp"],
-        "cfg": {k: v for k, v in asdict(cfg).items() if k not in ("out", "dataset")},
-        "pairs_fp": _pairs_identity(cfg.pairs.pairs),
-    }
-    return f"{ctx['out']}/trials/trial-{stage_hash(payload)}"
-
-
-def _check_backbone(name: str) -> None:
-    import timm
-
-    from sepp_ray.models.backbones import list_backbones
-
-    if name not in list_backbones() and not timm.models.is_model(name):
-        raise SeppError(
-            f"unknown backbone {name!r} in the search space: use a timm model name or one of "
-            f"{list_backbones()}"
-        )
 
 
 def validate(c: SweepConfig) -> list[dict[str, Any]]:
     """Every trial's params, after checking each combination: bad input fails before Ray."""
     from sepp_ray.eval.command import PROTOCOLS
     from sepp_ray.methods.base import check_pair_use
+    from sepp_ray.models.backbones import check_backbone
 
     PairsConfig(mode=c.pairs_mode).validate()
     if c.pretrain.monitor_split == "test" and c.metric.startswith("knn"):
@@ -183,21 +85,21 @@ def validate(c: SweepConfig) -> list[dict[str, Any]]:
         raise SeppError(f"reduction_factor must be > 1, got {c.reduction_factor}")
     if c.max_concurrent is not None and c.max_concurrent < 1:
         raise SeppError(f"max_concurrent must be >= 1, got {c.max_concurrent}")
-    bad = sorted(set(c.protocols) - set(PROTOCOLS))
+    bad = sorted(set(c.protocols) - set(PROTOCOLS.names()))
     if bad:
-        raise SeppError(f"unknown protocol(s) {bad}: choose among {PROTOCOLS}, or none")
+        raise SeppError(f"unknown protocol(s) {bad}: choose among {PROTOCOLS.names()}, or none")
     ax = axes(c)
-    for m in _product(ax, MINING_KEYS):
+    for m in grid(ax, MINING_KEYS):
         mining_for(c.mining, m).validate()
-    ctx = {"base": c.pretrain, "mining": c.mining, "data_uri": "x", "pairs": {}, "pairs_mode": ""}
-    trials = _product(ax)
+    ctx = TrialContext(base=c.pretrain, mining=c.mining, pairs_mode="")
+    trials = grid(ax)
     use = {"multi_positive": "attract", "both": "attract", "cancel": "cancel"}.get(c.pairs_mode)
     for params in trials:
         cfg = trial_pretrain(ctx, params)
         if use:  # pairs in the loss: the method must honour them (dataset mode: every method)
             check_pair_use(cfg.method, use)
-        replace(cfg, out="x", pairs=c.pretrain.pairs).validate()
-        _check_backbone(cfg.backbone)
+        replace(cfg, pairs=c.pretrain.pairs).validate_settings()
+        check_backbone(cfg.backbone)
     return trials
 
 
@@ -271,8 +173,8 @@ def _tuner(
     from ray.tune.schedulers import ASHAScheduler
 
     tune_uri = f"{c.out}/tune"
-    fs = _storage_fs(tune_uri)
-    path = f"{_storage_path(tune_uri)}/{name}"
+    fs = ray_storage_filesystem(tune_uri)
+    path = f"{ray_storage_path(tune_uri)}/{name}"
     if tune.Tuner.can_restore(path, storage_filesystem=fs):
         print(f"[sweep] restoring {tune_uri}/{name}: finished trials are kept", flush=True)
         tuner = tune.Tuner.restore(
@@ -299,7 +201,7 @@ def _tuner(
         ),
         run_config=tune.RunConfig(
             name=name,
-            storage_path=_storage_path(tune_uri),
+            storage_path=ray_storage_path(tune_uri),
             storage_filesystem=fs,
             # the state worth keeping is each trial's own pretraining checkpoints
             checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False),
@@ -312,9 +214,7 @@ def run_sweep(c: SweepConfig) -> dict[str, Any]:
     """Run (or restore and finish) the sweep; returns the summary's URI and one row per trial."""
     from ray import tune
 
-    from sepp_ray.prepare import embed_stage, mine_stage, prepare_data, sampler_checkpoint
-    from sepp_ray.sweep_report import collect_rows, evaluate, write_summary
-    from sepp_ray.sweep_trial import SweepTrial
+    from sepp_ray.tune.trial import SweepTrial  # imports Ray Tune: only when a sweep runs
 
     c = replace(c, out=absolute(c.out))
     if c.sampler_checkpoint:
@@ -328,7 +228,7 @@ def run_sweep(c: SweepConfig) -> dict[str, Any]:
     st = Stages(c.out)
     data_uri, data = prepare_data(st, c.source, c.format, c.source_options, c.images)
     _check_monitor(c, data)
-    data_fp = data["source"]["fingerprint"]
+    data_fp = dataset_fingerprint(data)
     p = c.pretrain
     budget = plain_steps(data, p.split, p.batch_size, p.epochs) if c.equal_compute else None
     boot = plain_steps(data, p.split, p.batch_size, c.bootstrap_epochs) if budget else None
@@ -339,25 +239,25 @@ def run_sweep(c: SweepConfig) -> dict[str, Any]:
     emb_uri, _ = embed_stage(st, data_uri, data_fp, sampler, c.pretrain.split)
     pairs: dict[str, str] = {}
     mined: dict[str, dict[str, Any]] = {}
-    for m in _product(ax, MINING_KEYS):  # every distinct sampler config, mined once, up front
+    for m in grid(ax, MINING_KEYS):  # every distinct sampler config, mined once, up front
         mcfg = mining_for(c.mining, m)
         uri, manifest = mine_stage(st, emb_uri, data_fp, sampler, mcfg, c.pretrain.split)
         pairs[stage_hash(asdict(mcfg))], mined[uri] = uri, manifest
-    ctx = {
-        "base": c.pretrain,
-        "mining": c.mining,
-        "data_uri": data_uri,
-        "data_fp": data_fp,
-        "pairs": pairs,
-        "pairs_mode": c.pairs_mode,
-        "out": c.out,
-        "metric": c.metric,
-        "budget": budget,
-        "n_train": split_size(data, p.split),
-        "num_pairs": {u: int(m.get("num_pairs", 0)) for u, m in mined.items()},
-    }
-    plans = [trial_plan(ctx, trial_pretrain(ctx, t)) for t in _product(ax)]
-    plain_spe = max(1, ctx["n_train"] // p.batch_size)
+    ctx = TrialContext(
+        base=c.pretrain,
+        mining=c.mining,
+        pairs_mode=c.pairs_mode,
+        metric=c.metric,
+        out=c.out,
+        data_uri=data_uri,
+        data_fp=data_fp,
+        pairs=pairs,
+        num_pairs={u: int(m.get("num_pairs", 0)) for u, m in mined.items()},
+        budget=budget,
+        n_train=split_size(data, p.split),
+    )
+    plans = [trial_plan(ctx, trial_pretrain(ctx, t)) for t in grid(ax)]
+    plain_spe = max(1, ctx.n_train // p.batch_size)
     clock = (max(x["total_steps"] for x in plans), c.grace_period * plain_spe)
     name = "sweep-" + stage_hash(
         {
@@ -372,11 +272,13 @@ def run_sweep(c: SweepConfig) -> dict[str, Any]:
     # the trial itself holds almost nothing: its Ray Train workers reserve their own resources
     trainable = tune.with_resources(tune.with_parameters(SweepTrial, ctx=ctx), {"cpu": 0.01})
     tuner, restored = _tuner(c, trainable, ax, name, conc, clock)
-    grid = tuner.fit()
-    rows = collect_rows(grid, ctx, mined)
+    results = tuner.fit()
+    rows = collect_rows(results, ctx, mined)
     if rows and all(r["status"] == "error" for r in rows):
         raise SeppError(f"every trial failed; the first error: {rows[0]['error']}")
-    evaluate(st, rows, data_uri, data, c.protocols, c.pretrain.knn_k)
+    ckpts = [r["checkpoint"] for r in rows if r["checkpoint"]] if c.protocols else []
+    _, heads = eval_stage(st, ckpts, data_uri, data, c.protocols, c.pretrain.knn_k)
+    fill_eval(rows, heads)
     experiment = f"{c.out}/tune/{name}"
     files = write_summary(loc, rows, c, experiment)
     finish_write(
@@ -412,3 +314,10 @@ def run_sweep(c: SweepConfig) -> dict[str, Any]:
         "restored": restored,
         "rows": rows,
     }
+
+
+def run_sweep_command(c: SweepConfig) -> int:
+    """`sepp sweep`'s entry point."""
+    r = run_sweep(c)
+    say(f"summary: {r['summary']}")
+    return 0

@@ -18,6 +18,7 @@ from typing import Any
 
 from sepp_ray.config import opt
 from sepp_ray.console import headline, say
+from sepp_ray.data.dataset import dataset_fingerprint
 from sepp_ray.data.ingest import ImageOptions
 from sepp_ray.data.sources import SourceOptions
 from sepp_ray.errors import IncompleteError
@@ -53,7 +54,7 @@ def stage_hash(payload: dict[str, Any]) -> str:
     ]
 
 
-def _complete(uri: str) -> dict[str, Any] | None:
+def complete(uri: str) -> dict[str, Any] | None:
     try:
         return read_manifest(uri)
     except IncompleteError:
@@ -74,7 +75,7 @@ class Stages:
         """Run stage ``name`` into WORK/<folder or name>-<hash of payload>, or reuse it there.
         Stages that share a folder prefix share outputs when their payloads are equal."""
         uri = f"{self.work}/{folder or name}-{stage_hash(payload)}"
-        done = _complete(uri)
+        done = complete(uri)
         if done is not None:
             say(f"[pipeline] {name}: reusing {uri} ({headline(done)})")
             self.reused.append(name)
@@ -89,7 +90,7 @@ class Stages:
         return uri, m
 
 
-def _pairs_identity(uri: str | None) -> Any:
+def pairs_identity(uri: str | None) -> Any:
     if not uri:
         return None
     m = read_manifest(uri)
@@ -109,7 +110,7 @@ def prepare_data(
     from sepp_ray.data.ingest import ingest
     from sepp_ray.data.sources import open_source
 
-    if _complete(source) is not None and read_manifest(source).get("kind") == "images":
+    if complete(source) is not None and read_manifest(source).get("kind") == "images":
         return source, read_manifest(source)
     src = open_source(source, fmt, options)
     return st.run(
@@ -148,7 +149,7 @@ def train_stage(
     payload = {
         "data": data_fp,
         "cfg": {k: v for k, v in asdict(cfg).items() if k not in ("out", "dataset")},
-        "pairs_fp": _pairs_identity(pairs.pairs),
+        "pairs_fp": pairs_identity(pairs.pairs),
     }
     # plain runs share a folder: a bootstrap as long as the baseline is the baseline
     folder = "plain" if not pairs.pairs and not pairs.curated else folder or name
@@ -199,7 +200,7 @@ def mine_stage(
 ) -> tuple[str, dict[str, Any]]:
     """Pairs mined with ``sampler`` as a stage: one folder per (data, sampler, mining config).
     ``input_uri``: the images (embedded inside the stage) or the sampler's embeddings."""
-    from sepp_ray.mining.pipeline import mine_command
+    from sepp_ray.mining.command import mine_command
 
     sampler_sha = read_manifest(sampler).get("sha256")
     return st.run(
@@ -216,3 +217,42 @@ def mine_stage(
             config=asdict(mining),
         ),
     )
+
+
+def eval_stage(
+    st: Stages,
+    ckpts: list[str],
+    data_uri: str,
+    data: dict[str, Any],
+    protocols: list[str],
+    knn_k: int,
+) -> tuple[str | None, dict[str, dict[str, float]]]:
+    """One ``sepp eval`` of ``ckpts`` on the test split, in one table (a reused stage on a
+    rerun): its URI and each checkpoint's headline figures. kNN votes with ``knn_k``
+    neighbours (at most the training split's size), the monitor's k during training.
+    No checkpoints or no protocols: nothing runs, ``(None, {})``."""
+    from sepp_ray.eval.command import EvalConfig, read_metrics, run_eval
+
+    if not ckpts or not protocols:
+        return None, {}
+    k = min(knn_k, data["splits"].get("train", {}).get("total", knn_k))
+    uri, _ = st.run(
+        "eval",
+        {
+            "ckpts": [read_manifest(x).get("sha256") for x in ckpts],
+            "data": dataset_fingerprint(data),
+            "protocols": list(protocols),
+            "k": k,
+        },
+        lambda out: run_eval(
+            EvalConfig(
+                checkpoints=list(ckpts),
+                dataset=data_uri,
+                protocols=list(protocols),
+                out=out,
+                overwrite=True,
+                k=k,
+            )
+        ),
+    )
+    return uri, {e["uri"]: e["headline"] for e in read_metrics(uri)["checkpoints"]}

@@ -3,7 +3,7 @@
 unchanged.
 
 Each stage writes to ``WORK/<stage>-<hash>`` and is reused when complete, continued when not
-(``sepp_ray.prepare``). With no sampler checkpoint given, the pipeline bootstraps one: a plain
+(``sepp_ray.flow.stages``). With no sampler checkpoint given, the pipeline bootstraps one: a plain
 run of the method, whose encoder then mines the pairs (as in arXiv 2306.16122's bootstrap).
 
 A SePP result is worth only as much as its control, so the pipeline trains every arm of the
@@ -23,16 +23,18 @@ from typing import Any
 
 from sepp_ray.config import opt
 from sepp_ray.console import say
+from sepp_ray.data.dataset import dataset_fingerprint
 from sepp_ray.errors import SeppError
-from sepp_ray.prepare import (
+from sepp_ray.flow.stages import (
     FlowConfig,
     Stages,
+    eval_stage,
     mine_stage,
     prepare_data,
     sampler_checkpoint,
     train_stage,
 )
-from sepp_ray.storage import Location, absolute, filesystem, read_manifest
+from sepp_ray.storage import Location, absolute, filesystem
 from sepp_ray.train.budget import plain_steps
 from sepp_ray.train.items import PairsConfig
 
@@ -92,12 +94,13 @@ def check_arms(c: PipelineConfig) -> None:
     for arm in c.arms:  # the method must honour each arm's use of the pairs
         if arm in USES:
             check_pair_use(c.pretrain.method, USES[arm])
-        pairs = arm_pairs(arm, "x", c.curated)
-        replace(c.pretrain, dataset="x", out="x", pairs=pairs).validate()
+        # the arm's pairs as it will train with them: the table the mining stage writes
+        pairs = arm_pairs(arm, "<the pairs this pipeline mines>", c.curated)
+        replace(c.pretrain, pairs=pairs).validate_settings()
 
 
 def run_pipeline(c: PipelineConfig) -> dict[str, Any]:
-    from sepp_ray.eval.command import EvalConfig, read_metrics, run_eval
+    from sepp_ray.eval.command import EvalConfig
 
     c = replace(c, work=absolute(c.work))
     if c.sampler_checkpoint:
@@ -108,11 +111,11 @@ def run_pipeline(c: PipelineConfig) -> dict[str, Any]:
     # fail fast, before any stage runs: a typo must not surface hours in, after training
     c.mining.validate()
     check_arms(c)
-    EvalConfig(checkpoints=["x"], dataset="x", out="x", protocols=list(c.protocols)).validate()
+    EvalConfig(protocols=list(c.protocols), k=c.pretrain.knn_k).validate_settings()
 
     # 1. ingest, unless the source already is an ingested dataset
     data_uri, data = prepare_data(st, c.source, c.format, c.source_options, c.images)
-    data_fp = data["source"]["fingerprint"]
+    data_fp = dataset_fingerprint(data)
     p = c.pretrain
 
     def budget(epochs: int) -> int | None:  # the plain run's steps at these epochs
@@ -139,25 +142,9 @@ def run_pipeline(c: PipelineConfig) -> dict[str, Any]:
             runs.append({"arm": arm, "seed": seed, "manifest": run})
     # 5. evaluate all of them in one table, on the test split, once
     ckpts = [r["manifest"]["final_checkpoint"] for r in runs]
-    eval_uri, _ = st.run(
-        "eval",
-        {
-            "ckpts": [read_manifest(x).get("sha256") for x in ckpts],
-            "data": data_fp,
-            "protocols": c.protocols,
-        },
-        lambda uri: run_eval(
-            EvalConfig(
-                checkpoints=ckpts,
-                dataset=data_uri,
-                protocols=list(c.protocols),
-                out=uri,
-                overwrite=True,
-                k=min(200, data["splits"].get("train", {}).get("total", 200)),
-            )
-        ),
-    )
-    heads = {e["uri"]: e["headline"] for e in read_metrics(eval_uri)["checkpoints"]}
+    eval_uri, heads = eval_stage(st, ckpts, data_uri, data, c.protocols, p.knn_k)
+    if eval_uri is None:  # refused up front by EvalConfig's check; kept for the type
+        raise SeppError("the pipeline needs at least one evaluation protocol")
     rows = [_row(r, heads.get(r["manifest"]["final_checkpoint"], {})) for r in runs]
     # 6. the report
     report = write_pipeline_report(c, data_uri, pairs_uri, pairs, rows, eval_uri, st)
@@ -319,3 +306,9 @@ def write_pipeline_report(
     with fs.open(f"{path}/results.json", "wb") as f:
         f.write(json.dumps({"runs": rows, "summary": summary}, indent=2).encode())
     return f"{out}/README.md"
+
+
+def run_pipeline_command(c: PipelineConfig) -> int:
+    """`sepp pipeline`'s entry point (the run's last console line names the report)."""
+    run_pipeline(c)
+    return 0

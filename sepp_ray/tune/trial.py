@@ -8,7 +8,7 @@ CPUs or GPUs. Here the trial's ``cleanup`` aborts the run through its controller
 the workers and their placement group, and a run past its last epoch is left to finish and
 write its manifest. Each epoch's metrics reach Tune through ``_Forward``: a Ray Train callback
 in the run's controller that puts them on a queue the trial's ``step`` reads. Each result
-carries ``step``, the optimizer steps done, ASHA's clock (``sweep.trial_plan``).
+carries ``step``, the optimizer steps done, ASHA's clock (``space.trial_plan``).
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from typing import Any
 from ray import tune
 from ray.train.v2.api.callback import UserCallback
 from ray.util.queue import Empty, Queue
+
+from sepp_ray.tune.space import TrialContext, trial_out, trial_plan, trial_pretrain
 
 
 class _Forward(UserCallback):
@@ -41,13 +43,11 @@ class _Forward(UserCallback):
 class SweepTrial(tune.Trainable):
     """Tune's view of one pretraining run: one ``step`` per epoch."""
 
-    def setup(self, config: dict[str, Any], ctx: dict[str, Any]) -> None:  # type: ignore[override]
-        from sepp_ray.sweep import trial_out, trial_plan, trial_pretrain
-
+    def setup(self, config: dict[str, Any], ctx: TrialContext) -> None:  # type: ignore[override]
         self.cfg = trial_pretrain(ctx, dict(config))
         self.out = trial_out(ctx, self.cfg)
         self.plan = trial_plan(ctx, self.cfg)
-        self.metric: str = ctx["metric"]
+        self.metric: str = ctx.metric
         self.last: dict[str, Any] = {self.metric: math.nan}
         self.queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
         self.controller: Any = None
@@ -58,11 +58,11 @@ class SweepTrial(tune.Trainable):
     def _train(self) -> None:
         from dataclasses import replace
 
-        from sepp_ray.prepare import _complete
+        from sepp_ray.flow.stages import complete
         from sepp_ray.train.driver import pretrain
 
         try:
-            done = _complete(self.out)
+            done = complete(self.out)
             if done is None:
                 pretrain(replace(self.cfg, out=self.out), callbacks=[_Forward(self.queue)])
             else:  # finished by an earlier sweep: replay its curve so the scheduler sees it

@@ -16,8 +16,9 @@ import math
 import posixpath
 from typing import Any
 
-from sepp_ray.prepare import Stages, _complete
-from sepp_ray.storage import Location, read_manifest
+from sepp_ray.flow.stages import complete
+from sepp_ray.storage import Location
+from sepp_ray.tune.space import TrialContext, mining_for, trial_out, trial_plan, trial_pretrain
 
 PARAMS = ("lo", "hi", "k", "method", "backbone", "base_lr", "temperature", "seed")
 CURVE = ("epoch", "step", "loss", "knn_top1", "knn_top5")
@@ -43,20 +44,19 @@ def _history(result: Any, metric: str) -> list[dict[str, Any]]:
 
 
 def collect_rows(
-    grid: Any, ctx: dict[str, Any], mined: dict[str, dict[str, Any]]
+    grid: Any, ctx: TrialContext, mined: dict[str, dict[str, Any]]
 ) -> list[dict[str, Any]]:
     """One row per Tune trial, in trial order (the order trials started in)."""
     from sepp_ray.methods import make_hparams
-    from sepp_ray.sweep import mining_for, trial_out, trial_plan, trial_pretrain
     from sepp_ray.train.state import list_checkpoints
 
     rows: list[dict[str, Any]] = []
     for result in grid:
         params = dict(result.config or {})
-        cfg, mcfg = trial_pretrain(ctx, params), mining_for(ctx["mining"], params)
+        cfg, mcfg = trial_pretrain(ctx, params), mining_for(ctx.mining, params)
         out, plan = trial_out(ctx, cfg), trial_plan(ctx, cfg)
-        history = _history(result, ctx["metric"])
-        done = _complete(out)
+        history = _history(result, ctx.metric)
+        done = complete(out)
         run = max([int(h["epoch"]) for h in history if h.get("epoch")] or [0])
         planned = plan["epochs"]
         if done is not None:
@@ -66,7 +66,7 @@ def collect_rows(
         ckpts = [u for e, u in list_checkpoints(out) if e <= run]
         pairs = mined.get(cfg.pairs.pairs or "", {})
         monitor = [h["knn_top1"] for h in history if h.get("knn_top1") is not None]
-        selection = [h[ctx["metric"]] for h in history if h.get(ctx["metric"]) is not None]
+        selection = [h[ctx.metric] for h in history if h.get(ctx.metric) is not None]
         hp = make_hparams(cfg.method, **cfg.hparams)
         err = result.error
         rows.append(
@@ -102,44 +102,10 @@ def collect_rows(
     return sorted(rows, key=lambda r: r["trial"])
 
 
-def evaluate(
-    st: Stages,
-    rows: list[dict[str, Any]],
-    data_uri: str,
-    data: dict[str, Any],
-    protocols: list[str],
-    knn_k: int,
-) -> None:
-    """One ``sepp eval`` of every trial's checkpoint on the test split (a reused stage on a
-    rerun); fills the rows' ``eval`` and ``test_top1`` (kNN, else linear), and ``top1``, the
-    accuracy the plots show: the validation monitor's, as plots guide choices. kNN votes with
-    the monitor's ``knn_k`` neighbours, as the monitor ASHA read."""
-    from sepp_ray.eval.command import EvalConfig, read_metrics, run_eval
-
-    ckpts = [r["checkpoint"] for r in rows if r["checkpoint"]] if protocols else []
-    heads: dict[str, dict[str, float]] = {}
-    if ckpts:
-        train = data["splits"].get("train", {}).get("total", 200)
-        uri, _ = st.run(
-            "eval",
-            {
-                "ckpts": [read_manifest(x).get("sha256") for x in ckpts],
-                "data": data["source"]["fingerprint"],
-                "protocols": protocols,
-                "k": min(knn_k, train),
-            },
-            lambda out: run_eval(
-                EvalConfig(
-                    checkpoints=ckpts,
-                    dataset=data_uri,
-                    protocols=list(protocols),
-                    out=out,
-                    overwrite=True,
-                    k=min(knn_k, train),
-                )
-            ),
-        )
-        heads = {e["uri"]: e["headline"] for e in read_metrics(uri)["checkpoints"]}
+def fill_eval(rows: list[dict[str, Any]], heads: dict[str, dict[str, float]]) -> None:
+    """Fill the rows' ``eval`` (the headline of one ``sepp eval`` of every trial's checkpoint
+    on the test split) and ``test_top1`` (kNN, else linear), and ``top1``, the accuracy the
+    plots show: the validation monitor's, as plots guide choices."""
     for r in rows:
         r["eval"] = heads.get(r["checkpoint"], {})
         r["test_top1"] = r["eval"].get("kNN top-1", r["eval"].get("linear top-1"))

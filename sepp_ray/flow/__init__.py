@@ -1,0 +1,1 @@
+"""The orchestration of the stages: content-hashed stages (`stages`) and `sepp pipeline`."""

@@ -1,0 +1,1 @@
+"""`sepp sweep`: Ray Tune sweeps over thresholds, K, methods and backbones."""
