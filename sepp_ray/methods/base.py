@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from sepp_ray.errors import SeppError
+from sepp_ray.models.heads import projection_mlp
 from sepp_ray.registry import Registry
 
 # How a method may use mined pairs given per image as ids (beyond pair items in the dataset,
@@ -32,6 +34,18 @@ _USE_TEXT = {
     "attract": "mined positives as extra positives (pairs.mode multi_positive or both)",
     "cancel": "mined positives removed from the negatives (pairs.mode cancel)",
 }
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """One step's batch as a method's `loss` reads it (the fields are `Method`'s arguments)."""
+
+    views: list[torch.Tensor]
+    ids: torch.Tensor
+    pos_ids: torch.Tensor | None = None
+    epoch: int = 0
+    labels: torch.Tensor | None = None
+    cancel_ids: torch.Tensor | None = None
 
 
 class Method(nn.Module):
@@ -50,6 +64,9 @@ class Method(nn.Module):
         are removed from the negatives. Only methods with "cancel" in `pair_uses` accept it.
     A method given a tensor it cannot honour raises SeppError: silently dropping mined pairs
     would make a SePP run equal its baseline.
+
+    A subclass implements `loss` (and `step_metrics` for what it logs besides the loss);
+    `training_loss` checks the inputs once for all methods.
     """
 
     name: ClassVar[str] = ""
@@ -80,7 +97,17 @@ class Method(nn.Module):
     ) -> tuple[torch.Tensor, Metrics]:
         """Scalar loss to back-propagate and metrics to log: detached device tensors (never
         `.item()`, which would stall the device every step) or host floats."""
+        self._check_inputs(views, ids, pos_ids, cancel_ids)
+        loss = self.loss(Inputs(views, ids, pos_ids, epoch, labels, cancel_ids))
+        return loss, {"loss": loss.detach(), **self.step_metrics(epoch)}
+
+    def loss(self, x: Inputs) -> torch.Tensor:
+        """The method's scalar loss on one step's (already checked) inputs."""
         raise NotImplementedError
+
+    def step_metrics(self, epoch: int) -> Metrics:
+        """What the method logs each step besides the loss (e.g. an EMA momentum)."""
+        return {}
 
     @classmethod
     def fit_hparams(cls, hp: Any, n_items: int) -> Any:
@@ -115,6 +142,14 @@ class Method(nn.Module):
             check_pair_use(type(self), use)
             if t.dim() != 2 or t.shape[0] != n:
                 raise ValueError(f"the {use} ids must be {n} x P, got {tuple(t.shape)}")
+
+
+def projector_of(feat_dim: int, hp: Any, last_bn: bool = False) -> nn.Module:
+    """The projection MLP a method's hyperparameters describe (`proj_hidden_dim`,
+    `proj_output_dim`, `proj_layers`)."""
+    return projection_mlp(
+        feat_dim, hp.proj_hidden_dim, hp.proj_output_dim, hp.proj_layers, last_bn=last_bn
+    )
 
 
 def _named_method(name: str, cls: type[Method]) -> None:

@@ -14,6 +14,7 @@ from torch import nn
 from sepp_ray.losses.negative_cosine import byol_loss
 from sepp_ray.methods.base import (
     METHODS,
+    Inputs,
     Method,
     Metrics,
     cosine_momentum,
@@ -56,23 +57,17 @@ class BYOL(Method):
         self.target_projector = momentum_copy(self.projector)
         self.current_momentum = hp.momentum
 
-    def training_loss(
-        self,
-        views: list[torch.Tensor],
-        ids: torch.Tensor,
-        pos_ids: torch.Tensor | None = None,
-        epoch: int = 0,
-        *,
-        labels: torch.Tensor | None = None,
-        cancel_ids: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, Metrics]:
-        self._check_inputs(views, ids, pos_ids, cancel_ids)
+    def loss(self, x: Inputs) -> torch.Tensor:
         # one pass per view: BN statistics per view, as in the paper's implementation
+        views = x.views
         p1, p2 = (self.predictor(self.projector(self.backbone(v))) for v in views[:2])  # N x D
         with torch.no_grad():
             z1, z2 = (self.target_projector(self.target_backbone(v)) for v in views[:2])
         loss = 0.5 * (byol_loss(p1, z2) + byol_loss(p2, z1))
-        return loss, {"loss": loss.detach(), "momentum": self.current_momentum}
+        return loss
+
+    def step_metrics(self, epoch: int) -> Metrics:
+        return {"momentum": self.current_momentum}
 
     def on_train_step_end(self, progress: float) -> None:
         self.current_momentum = cosine_momentum(self.hp.momentum, progress)

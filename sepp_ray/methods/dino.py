@@ -15,6 +15,7 @@ from torch import nn
 from sepp_ray.losses.dino import DINOLoss
 from sepp_ray.methods.base import (
     METHODS,
+    Inputs,
     Method,
     Metrics,
     cosine_momentum,
@@ -111,17 +112,8 @@ class DINO(Method):
         )
         self.current_momentum = hp.momentum
 
-    def training_loss(
-        self,
-        views: list[torch.Tensor],
-        ids: torch.Tensor,
-        pos_ids: torch.Tensor | None = None,
-        epoch: int = 0,
-        *,
-        labels: torch.Tensor | None = None,
-        cancel_ids: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, Metrics]:
-        self._check_inputs(views, ids, pos_ids, cancel_ids)
+    def loss(self, x: Inputs) -> torch.Tensor:
+        views, epoch = x.views, x.epoch
         student_out = _forward_by_resolution(
             lambda x: self.head(self.backbone(x)), views
         )  # V tensors, N x out_dim
@@ -130,8 +122,10 @@ class DINO(Method):
                 lambda x: self.teacher_head(self.teacher_backbone(x)), views[:2]
             )  # 2 tensors, N x out_dim
         loss = self.criterion(student_out, teacher_out, epoch)
-        return loss, {
-            "loss": loss.detach(),
+        return loss
+
+    def step_metrics(self, epoch: int) -> Metrics:
+        return {
             "momentum": self.current_momentum,
             "teacher_temp": self.criterion.teacher_temperature(epoch),
         }

@@ -19,7 +19,13 @@ from torch import nn
 
 from sepp_ray import dist
 from sepp_ray.losses.info_nce import info_nce_loss, positive_mask
-from sepp_ray.methods.base import METHODS, Method, Metrics, ema_update, momentum_copy
+from sepp_ray.methods.base import (
+    METHODS,
+    Inputs,
+    Method,
+    ema_update,
+    momentum_copy,
+)
 from sepp_ray.models.heads import projection_mlp
 
 
@@ -128,17 +134,8 @@ class MoCoV2(Method):
         self.queue_ids.index_copy_(0, idx, key_ids)
         self.queue_ptr.copy_((self.queue_ptr + keys.shape[0]) % size)
 
-    def training_loss(
-        self,
-        views: list[torch.Tensor],
-        ids: torch.Tensor,
-        pos_ids: torch.Tensor | None = None,
-        epoch: int = 0,
-        *,
-        labels: torch.Tensor | None = None,
-        cancel_ids: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, Metrics]:
-        self._check_inputs(views, ids, pos_ids, cancel_ids)
+    def loss(self, x: Inputs) -> torch.Tensor:
+        views, ids, pos_ids, cancel_ids = x.views, x.ids, x.pos_ids, x.cancel_ids
         ids_global = dist.gather(ids)  # W*N
         k1 = dist.gather(self._keys(views[0]))  # W*N x D
         k2 = dist.gather(self._keys(views[1]))
@@ -153,7 +150,7 @@ class MoCoV2(Method):
         else:
             loss = self._loss(q1, k2, ids, ids_global, pos_ids, cancel_ids)
             self._enqueue(k2, ids_global)
-        return loss, {"loss": loss.detach()}
+        return loss
 
     def on_train_step_end(self, progress: float) -> None:
         """Constant momentum, as in MoCo (no schedule)."""

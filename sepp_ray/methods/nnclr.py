@@ -18,7 +18,7 @@ from torch import nn
 
 from sepp_ray import dist
 from sepp_ray.losses.info_nce import info_nce_loss, positive_mask
-from sepp_ray.methods.base import METHODS, Method, Metrics
+from sepp_ray.methods.base import METHODS, Inputs, Method
 from sepp_ray.models.heads import prediction_mlp, projection_mlp
 
 
@@ -104,18 +104,9 @@ class NNCLR(Method):
         self.queue_ids.index_copy_(0, idx, z_ids)
         self.queue_ptr.copy_((self.queue_ptr + z.shape[0]) % size)
 
-    def training_loss(
-        self,
-        views: list[torch.Tensor],
-        ids: torch.Tensor,
-        pos_ids: torch.Tensor | None = None,
-        epoch: int = 0,
-        *,
-        labels: torch.Tensor | None = None,
-        cancel_ids: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, Metrics]:
-        self._check_inputs(views, ids, pos_ids, cancel_ids)
-        z1, z2 = (self.projector(self.backbone(v)) for v in views[:2])  # N x D, BN per view
+    def loss(self, x: Inputs) -> torch.Tensor:
+        ids, pos_ids, cancel_ids = x.ids, x.pos_ids, x.cancel_ids
+        z1, z2 = (self.projector(self.backbone(v)) for v in x.views[:2])  # N x D, BN per view
         p1, p2 = self.predictor(z1), self.predictor(z2)
         nn1, nn2 = self.nearest_neighbour(z1), self.nearest_neighbour(z2)
         ids_global = dist.gather(ids)  # W*N
@@ -127,4 +118,4 @@ class NNCLR(Method):
             + info_nce_loss(nn2, dist.gather(p1), pos, t, cancel_mask=cancel)
         )
         self._enqueue(dist.gather(z1.detach()), ids_global)
-        return loss, {"loss": loss.detach()}
+        return loss

@@ -10,8 +10,7 @@ from torch import nn
 
 from sepp_ray import dist
 from sepp_ray.losses.info_nce import info_nce_loss, positive_mask, self_mask
-from sepp_ray.methods.base import METHODS, Method, Metrics
-from sepp_ray.models.heads import projection_mlp
+from sepp_ray.methods.base import METHODS, Inputs, Method, projector_of
 
 
 @dataclass
@@ -81,22 +80,10 @@ class SimCLR(Method):
 
     def __init__(self, backbone: nn.Module, feat_dim: int, hp: SimCLRHParams) -> None:
         super().__init__(backbone, feat_dim, hp)
-        self.projector = projection_mlp(
-            feat_dim, hp.proj_hidden_dim, hp.proj_output_dim, hp.proj_layers
-        )
+        self.projector = projector_of(feat_dim, hp)
 
-    def training_loss(
-        self,
-        views: list[torch.Tensor],
-        ids: torch.Tensor,
-        pos_ids: torch.Tensor | None = None,
-        epoch: int = 0,
-        *,
-        labels: torch.Tensor | None = None,
-        cancel_ids: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, Metrics]:
-        self._check_inputs(views, ids, pos_ids, cancel_ids)
+    def loss(self, x: Inputs) -> torch.Tensor:
         # one backbone pass over both views: BN statistics span the whole 2N batch, as in SimCLR
-        z = self.projector(self.backbone(torch.cat(views[:2])))  # 2N x D
-        loss = contrastive_loss(z, ids, pos_ids, self.hp.temperature, cancel_ids=cancel_ids)
-        return loss, {"loss": loss.detach()}
+        z = self.projector(self.backbone(torch.cat(x.views[:2])))  # 2N x D
+        loss = contrastive_loss(z, x.ids, x.pos_ids, self.hp.temperature, cancel_ids=x.cancel_ids)
+        return loss

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from sepp_ray.losses.negative_cosine import negative_cosine_similarity
-from sepp_ray.methods.base import METHODS, Method, Metrics
-from sepp_ray.models.heads import prediction_mlp, projection_mlp
+from sepp_ray.methods.base import METHODS, Inputs, Method, projector_of
+from sepp_ray.models.heads import prediction_mlp
 
 
 @dataclass
@@ -36,26 +36,14 @@ class SimSiam(Method):
 
     def __init__(self, backbone: nn.Module, feat_dim: int, hp: SimSiamHParams) -> None:
         super().__init__(backbone, feat_dim, hp)
-        self.projector = projection_mlp(
-            feat_dim, hp.proj_hidden_dim, hp.proj_output_dim, hp.proj_layers, last_bn=True
-        )
+        self.projector = projector_of(feat_dim, hp, last_bn=True)
         self.predictor = prediction_mlp(hp.proj_output_dim, hp.pred_hidden_dim, hp.proj_output_dim)
 
-    def training_loss(
-        self,
-        views: list[torch.Tensor],
-        ids: torch.Tensor,
-        pos_ids: torch.Tensor | None = None,
-        epoch: int = 0,
-        *,
-        labels: torch.Tensor | None = None,
-        cancel_ids: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, Metrics]:
-        self._check_inputs(views, ids, pos_ids, cancel_ids)
-        z1, z2 = (self.projector(self.backbone(v)) for v in views[:2])  # N x D, BN per view
+    def loss(self, x: Inputs) -> torch.Tensor:
+        z1, z2 = (self.projector(self.backbone(v)) for v in x.views[:2])  # N x D, BN per view
         p1, p2 = self.predictor(z1), self.predictor(z2)
         loss = 0.5 * (
             negative_cosine_similarity(p1, z2.detach())
             + negative_cosine_similarity(p2, z1.detach())
         )
-        return loss, {"loss": loss.detach()}
+        return loss

@@ -13,7 +13,7 @@ import torch
 
 from sepp_ray import dist
 from sepp_ray.errors import SeppError
-from sepp_ray.methods.base import METHODS, Metrics
+from sepp_ray.methods.base import METHODS, Inputs
 from sepp_ray.methods.simclr import SimCLR, SimCLRHParams, contrastive_loss
 
 
@@ -38,17 +38,8 @@ class SupCon(SimCLR):
     pair_uses = frozenset({"none", "attract"})
     needs_labels = True
 
-    def training_loss(
-        self,
-        views: list[torch.Tensor],
-        ids: torch.Tensor,
-        pos_ids: torch.Tensor | None = None,
-        epoch: int = 0,
-        *,
-        labels: torch.Tensor | None = None,
-        cancel_ids: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, Metrics]:
-        self._check_inputs(views, ids, pos_ids, cancel_ids)
+    def loss(self, x: Inputs) -> torch.Tensor:
+        views, ids, labels = x.views, x.ids, x.labels
         if labels is None or labels.shape != ids.shape:
             got = None if labels is None else tuple(labels.shape)
             raise SeppError(
@@ -63,5 +54,5 @@ class SupCon(SimCLR):
                 "labelled dataset, or choose a self-supervised method"
             )
         z = self.projector(self.backbone(torch.cat(views[:2])))  # 2N x D
-        loss = contrastive_loss(z, ids, pos_ids, self.hp.temperature, labels=labels)
-        return loss, {"loss": loss.detach()}
+        loss = contrastive_loss(z, ids, x.pos_ids, self.hp.temperature, labels=labels)
+        return loss

@@ -12,8 +12,7 @@ import torch
 from torch import nn
 
 from sepp_ray.losses.vicreg import vicreg_loss
-from sepp_ray.methods.base import METHODS, Method, Metrics
-from sepp_ray.models.heads import projection_mlp
+from sepp_ray.methods.base import METHODS, Inputs, Method, projector_of
 
 
 @dataclass
@@ -38,23 +37,11 @@ class VICReg(Method):
 
     def __init__(self, backbone: nn.Module, feat_dim: int, hp: VICRegHParams) -> None:
         super().__init__(backbone, feat_dim, hp)
-        self.projector = projection_mlp(
-            feat_dim, hp.proj_hidden_dim, hp.proj_output_dim, hp.proj_layers
-        )
+        self.projector = projector_of(feat_dim, hp)
 
-    def training_loss(
-        self,
-        views: list[torch.Tensor],
-        ids: torch.Tensor,
-        pos_ids: torch.Tensor | None = None,
-        epoch: int = 0,
-        *,
-        labels: torch.Tensor | None = None,
-        cancel_ids: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, Metrics]:
-        self._check_inputs(views, ids, pos_ids, cancel_ids)
-        z1, z2 = (self.projector(self.backbone(v)) for v in views[:2])  # N x D, BN per view
+    def loss(self, x: Inputs) -> torch.Tensor:
+        z1, z2 = (self.projector(self.backbone(v)) for v in x.views[:2])  # N x D, BN per view
         loss = vicreg_loss(
             z1, z2, self.hp.sim_coeff, self.hp.std_coeff, self.hp.cov_coeff, gather=True
         )
-        return loss, {"loss": loss.detach()}
+        return loss
