@@ -147,6 +147,7 @@ def test_mine_refuses_bad_settings_before_reading_anything(
         ("backbone=resnet181", "unknown backbone 'resnet181': did you mean one of"),
         ("recipe=simclr2", "unknown augmentation recipe 'simclr2'"),
         ("amp=fp8", "amp must be one of ['auto', 'bf16', 'off'], got 'fp8'"),
+        ("backbone=test_convnext cifar_stem=true", "cifar_stem is unsupported for backbone"),
     ],
 )
 def test_pretrain_settings_fail_before_any_data_or_ray(
@@ -155,7 +156,7 @@ def test_pretrain_settings_fail_before_any_data_or_ray(
     """Checked before the dataset is opened (it does not exist here) and before Ray starts:
     one line, exit 2, nothing written at OUT."""
     out = tmp_path / "run"
-    assert main(["pretrain", str(tmp_path / "no-dataset"), str(out), setting]) == 2
+    assert main(["pretrain", str(tmp_path / "no-dataset"), str(out), *setting.split()]) == 2
     # one line (in-process, the copy meant for the Ray log file is captured here too)
     err = set(capsys.readouterr().err.strip().splitlines())
     assert len(err) == 1 and message in err.pop(), err

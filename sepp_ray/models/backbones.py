@@ -35,10 +35,15 @@ def list_backbones() -> list[str]:
     return BACKBONES.names()
 
 
-def check_backbone(name: str) -> None:
-    """SeppError unless `name` is a registered alias or a timm model name: what configs call
-    before any work, so a typo fails in seconds rather than inside every training worker."""
-    if name in BACKBONES or (isinstance(name, str) and timm.models.is_model(name)):
+def check_backbone(name: str, cifar_stem: bool = False) -> None:
+    """SeppError unless `name` is a registered alias or a timm model name (and, with
+    ``cifar_stem``, of a family the CIFAR stem adapts): what configs call before any work, so
+    a typo fails in seconds rather than inside every training worker."""
+    if name in BACKBONES:
+        return
+    if isinstance(name, str) and timm.models.is_model(name):
+        if cifar_stem:
+            _check_cifar_stem(name)
         return
     close = difflib.get_close_matches(str(name), [*BACKBONES, *timm.list_models()], n=5)
     hint = f"did you mean one of {close}? " if close else ""
@@ -47,6 +52,16 @@ def check_backbone(name: str) -> None:
         f"`python -c \"import timm; print(timm.list_models('resnet*'))\"`) "
         f"or one of the aliases {list_backbones()}"
     )
+
+
+def _check_cifar_stem(name: str) -> None:
+    """The CIFAR stem adapts timm ResNets (3x3/1 first conv, no max-pool) and ViTs (32 px,
+    4 px patches); any other family is refused rather than trained at the wrong scale."""
+    if not timm.models.is_model_in_modules(name, (*_RESNET_MODULES, *_VIT_MODULES)):
+        raise SeppError(
+            f"cifar_stem is unsupported for backbone {name!r}: it supports timm ResNets and "
+            f"ViTs; pass cifar_stem=False (and larger images) for this family"
+        )
 
 
 def feature_dim(model: nn.Module) -> int:
@@ -85,17 +100,11 @@ def create_backbone(
     """
     if name in BACKBONES:
         return BACKBONES.get(name)(cifar_stem=cifar_stem, pretrained=pretrained, **timm_kwargs)
-    check_backbone(name)
+    check_backbone(name, cifar_stem)
     is_resnet = timm.models.is_model_in_modules(name, _RESNET_MODULES)
-    is_vit = timm.models.is_model_in_modules(name, _VIT_MODULES)
-    if cifar_stem and is_vit:
+    if cifar_stem and timm.models.is_model_in_modules(name, _VIT_MODULES):
         timm_kwargs.setdefault("img_size", 32)
         timm_kwargs.setdefault("patch_size", 4)
-    elif cifar_stem and not is_resnet:
-        raise SeppError(
-            f"cifar_stem is unsupported for backbone {name!r}: it supports timm ResNets and "
-            f"ViTs; pass cifar_stem=False (and larger images) for this family"
-        )
     model = timm.create_model(name, pretrained=pretrained, num_classes=0, **timm_kwargs)
     if cifar_stem and is_resnet:
         _cifar_resnet_stem(model)

@@ -120,7 +120,7 @@ class PretrainConfig:
         from sepp_ray.train.step import AMP_MODES, pair_use_of_mode
 
         make_hparams(self.method, **self.hparams)  # the method's name and hyperparameters
-        check_backbone(self.backbone)
+        check_backbone(self.backbone, self.cifar_stem)
         if self.amp not in AMP_MODES:
             raise SeppError(f"amp must be one of {list(AMP_MODES)}, got {self.amp!r}")
         if self.decode_on not in ("cpu", "gpu"):

@@ -99,7 +99,7 @@ def validate(c: SweepConfig) -> list[dict[str, Any]]:
         if use:  # pairs in the loss: the method must honour them (dataset mode: every method)
             check_pair_use(cfg.method, use)
         replace(cfg, pairs=c.pretrain.pairs).validate_settings()
-        check_backbone(cfg.backbone)
+        check_backbone(cfg.backbone, cfg.cifar_stem)
     return trials
 
 
