@@ -27,7 +27,8 @@ from sepp_ray.train.preflight import (
     run_preflight,
     step_peak,
 )
-from sepp_ray.train.step import StepConfig, Trainer, prepare_loss_module, rng_state
+from sepp_ray.train.rng import rng_state
+from sepp_ray.train.step import StepConfig, Trainer, prepare_loss_module
 
 SIZE = 16
 

@@ -15,7 +15,8 @@ from torch import nn
 from sepp_ray.data.recipes import RECIPES, TwoViewRecipe
 from sepp_ray.data.sources import FORMATS, SOURCES, SourceOptions
 from sepp_ray.errors import SeppError
-from sepp_ray.eval.command import PROTOCOLS, EvalConfig, Protocol
+from sepp_ray.eval.command import EvalConfig
+from sepp_ray.eval.protocols import PROTOCOLS, Protocol
 from sepp_ray.methods import METHODS, Method, list_methods, method_class
 from sepp_ray.mining.search import SEARCH_BACKENDS, KeySearcher, available_backends
 from sepp_ray.models.backbones import BACKBONES, check_backbone, create_backbone

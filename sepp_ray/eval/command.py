@@ -22,63 +22,19 @@ from sepp_ray.config import opt
 from sepp_ray.console import say
 from sepp_ray.data.dataset import ImageDataset
 from sepp_ray.errors import SeppError
-from sepp_ray.eval.detection import DetectionConfig, run_detection
+from sepp_ray.eval.detection import DetectionConfig
 from sepp_ray.eval.features import check_split, extract_features
 from sepp_ray.eval.linear import LinearProbeConfig
-from sepp_ray.eval.semisup import FinetuneConfig, run_semisup
+from sepp_ray.eval.protocols import PROTOCOLS
+from sepp_ray.eval.semisup import FinetuneConfig
 from sepp_ray.eval.tables import headline, metrics_table
 from sepp_ray.models.checkpoint import checkpoint_manifest, load_backbone
-from sepp_ray.registry import Registry
 from sepp_ray.resources import gpu_wait, stage_gpus
 from sepp_ray.shared_storage import check_shared_storage
 from sepp_ray.storage import Location, absolute, begin_write, finish_write
 
 log = logging.getLogger(__name__)
 FEATURES = "features"
-# One Ray task call: (sub-key of its result, "" when a protocol has one; task; its arguments).
-TaskCall = tuple[str, Callable[..., Any], tuple[Any, ...]]
-
-
-@dataclass(frozen=True)
-class Protocol:
-    """One evaluation protocol: whether it reads the cached frozen features, and its task calls
-    for one checkpoint, `calls(cfg, checkpoint, features_uri, num_classes)`."""
-
-    features: bool
-    calls: Callable[[EvalConfig, dict[str, Any], str, int], list[TaskCall]]
-
-
-def _knn_calls(cfg: EvalConfig, ckpt: dict[str, Any], feat: str, classes: int) -> list[TaskCall]:
-    splits = (cfg.train_split, cfg.test_split)
-    return [("", _knn_task, (feat, splits, classes, cfg.k, cfg.temperature))]
-
-
-def _linear_calls(cfg: EvalConfig, ckpt: dict[str, Any], feat: str, classes: int) -> list[TaskCall]:
-    splits = (cfg.train_split, cfg.test_split)
-    return [("", _linear_task, (feat, splits, classes, cfg.linear, cfg.seed))]
-
-
-def _semisup_calls(
-    cfg: EvalConfig, ckpt: dict[str, Any], feat: str, classes: int
-) -> list[TaskCall]:
-    split, test = cfg.train_split, cfg.test_split
-    return [
-        (str(f), run_semisup, (ckpt["uri"], cfg.dataset, f, split, test, cfg.semisup, cfg.seed))
-        for f in cfg.label_fractions
-    ]
-
-
-def _detection_calls(
-    cfg: EvalConfig, ckpt: dict[str, Any], feat: str, classes: int
-) -> list[TaskCall]:
-    return [("", run_detection, (ckpt["uri"], cfg.voc_root, cfg.detection, cfg.seed))]
-
-
-PROTOCOLS: Registry[Protocol] = Registry("protocol")
-PROTOCOLS.add("knn", Protocol(features=True, calls=_knn_calls))
-PROTOCOLS.add("linear", Protocol(features=True, calls=_linear_calls))
-PROTOCOLS.add("semisup", Protocol(features=False, calls=_semisup_calls))
-PROTOCOLS.add("detection", Protocol(features=False, calls=_detection_calls))
 
 
 @dataclass
@@ -174,57 +130,6 @@ def pretrain_dataset(manifest: dict[str, Any]) -> str | None:
         if isinstance(d, str) and d:
             return d
     return None
-
-
-def _knn_task(
-    feat_uri: str, splits: tuple[str, str], num_classes: int, k: int, temperature: float
-) -> dict[str, Any]:
-    import torch
-
-    from sepp_ray.eval.features import load_features
-    from sepp_ray.models.knn import knn_classify
-
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    tr = load_features(feat_uri, splits[0]).labeled()
-    te = load_features(feat_uri, splits[1]).labeled()
-    res = knn_classify(
-        torch.from_numpy(tr.feats).to(dev),
-        torch.from_numpy(tr.labels).to(dev),
-        torch.from_numpy(te.feats).to(dev),
-        torch.from_numpy(te.labels).to(dev),
-        num_classes,
-        k=k,
-        temperature=temperature,
-    )
-    return {
-        **res,
-        "k": k,
-        "temperature": temperature,
-        "train_size": len(tr.ids),
-        "test_size": len(te.ids),
-    }
-
-
-def _linear_task(
-    feat_uri: str, splits: tuple[str, str], num_classes: int, cfg: LinearProbeConfig, seed: int
-) -> dict[str, Any]:
-    import torch
-
-    from sepp_ray.eval.features import load_features
-    from sepp_ray.eval.linear import linear_probe
-
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    tr = load_features(feat_uri, splits[0]).labeled()
-    te = load_features(feat_uri, splits[1]).labeled()
-    return linear_probe(
-        torch.from_numpy(tr.feats).to(dev),
-        torch.from_numpy(tr.labels).to(dev),
-        torch.from_numpy(te.feats).to(dev),
-        torch.from_numpy(te.labels).to(dev),
-        num_classes,
-        cfg,
-        seed=seed,
-    )
 
 
 def _gather(futures: dict[Any, Any]) -> dict[Any, Any]:

@@ -25,11 +25,13 @@ from sepp_ray.storage import Location, absolute, begin_write, finish_write, read
 log = logging.getLogger(__name__)
 
 
-def _reusable(emb_uri: str, dataset_uri: str, identity: str, splits: list[str]) -> bool:
-    """A complete embedding of the same dataset content, encoder and splits."""
+def _reusable(
+    emb_uri: str, dataset_uri: str, ds: dict[str, Any], identity: str, splits: list[str]
+) -> bool:
+    """A complete embedding of the same dataset content (``ds``: its manifest), encoder and
+    splits."""
     try:
         m = read_manifest(emb_uri)
-        ds = read_manifest(dataset_uri)
     except SeppError:
         return False
     return (
@@ -59,14 +61,15 @@ def mine_command(
     input_uri, out_uri = absolute(input_uri), absolute(out_uri)
     if encoder.checkpoint:
         encoder = replace(encoder, checkpoint=absolute(encoder.checkpoint))
-    kind = read_manifest(input_uri).get("kind")
+    given = read_manifest(input_uri)  # read once: the kind, splits and counts all come from it
+    kind = given.get("kind")
     if kind == "embeddings":
-        check_embedded_splits(input_uri, read_manifest(input_uri).get("splits"), splits)
+        check_embedded_splits(input_uri, given.get("splits"), splits)
         loc = begin_write(out_uri, overwrite=overwrite)
         emb_uri = input_uri
     elif kind == "images":
         emb_uri = Location(out_uri).child(EMB_DIR).uri
-        present = read_manifest(input_uri)["splits"]
+        present = given["splits"]
         missing = [s for s in splits if s not in present]
         if missing:
             raise SeppError(
@@ -82,7 +85,7 @@ def mine_command(
                 "lower K or pass a fraction (e.g. 0.05)"
             )
         _, _, identity = load_encoder(encoder)
-        reuse = _reusable(emb_uri, input_uri, identity, chosen)
+        reuse = _reusable(emb_uri, input_uri, given, identity, chosen)
         loc = begin_write(out_uri, overwrite=overwrite, keep=(EMB_DIR,) if reuse else ())
         if reuse:
             log.info("reusing embeddings in %s (same dataset, encoder and splits)", emb_uri)

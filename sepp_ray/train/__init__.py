@@ -9,15 +9,13 @@ from sepp_ray.train.optim import (
     set_lr,
     warmup_cosine,
 )
+from sepp_ray.train.rng import rng_state, seed_everything, set_rng_state
 from sepp_ray.train.step import (
     LossModule,
     NonFiniteLossError,
     StepConfig,
     Trainer,
     prepare_loss_module,
-    rng_state,
-    seed_everything,
-    set_rng_state,
     train_epoch,
 )
 

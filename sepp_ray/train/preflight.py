@@ -28,7 +28,7 @@ import torch
 
 from sepp_ray import dist
 from sepp_ray.errors import SeppError
-from sepp_ray.train.step import rng_state, set_rng_state
+from sepp_ray.train.rng import rng_state, set_rng_state
 
 if TYPE_CHECKING:
     from sepp_ray.storage import Location

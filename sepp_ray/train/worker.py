@@ -140,6 +140,7 @@ def train_loop(cfg: WorkerConfig) -> None:
     from sepp_ray.storage import Location
     from sepp_ray.train.preflight import run_preflight
     from sepp_ray.train.progress import write_progress
+    from sepp_ray.train.rng import rng_state, seed_everything, set_rng_state
     from sepp_ray.train.state import (
         DIVERGED,
         latest_checkpoint,
@@ -151,9 +152,6 @@ def train_loop(cfg: WorkerConfig) -> None:
         StepConfig,
         Trainer,
         prepare_loss_module,
-        rng_state,
-        seed_everything,
-        set_rng_state,
         train_epoch,
     )
 

@@ -64,7 +64,7 @@ log = logging.getLogger(__name__)
 
 def validate(c: SweepConfig) -> list[dict[str, Any]]:
     """Every trial's params, after checking each combination: bad input fails before Ray."""
-    from sepp_ray.eval.command import PROTOCOLS
+    from sepp_ray.eval.protocols import PROTOCOLS
     from sepp_ray.methods.base import check_pair_use
     from sepp_ray.models.backbones import check_backbone
 
