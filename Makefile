@@ -40,17 +40,19 @@ lint: $(STAMP)
 bench-ingest: $(STAMP)
 	$(BIN)/python benchmarks/ingest.py
 
-# The prepared GPU check (README "GPU check"): make gpu-check OUT=dir [MODE=auto|full|tiny].
+# The prepared GPU check (README "GPU check"): make gpu-check OUT=dir [MODE=auto|full|tiny]
+# [PARTS=ray_train,step] (a subset, in the check's order; default all).
 # On the GPU machine (no .venv, no Ray) it unpacks .devbundle/, which
 # ../shared/tools/device-bundle.sh builds here; with a .venv it runs there (tiny without CUDA).
 GPU_PY = $(shell test -x $(BIN)/python && echo $(BIN)/python || echo python3)
 GPU_ENV = PYTHONPATH=/tmp/site:$(CURDIR) RAY_AUTH_MODE=disabled
 gpu-check:
-	@test -n "$(OUT)" || { echo "usage: make gpu-check OUT=dir [MODE=auto|full|tiny]" >&2; exit 2; }
+	@test -n "$(OUT)" || { echo "usage: make gpu-check OUT=dir [MODE=auto|full|tiny] [PARTS=a,b]" >&2; exit 2; }
 	@$(GPU_ENV) $(GPU_PY) -c "import ray" 2>/dev/null || { test -f .devbundle/setup.sh || \
 	  { echo "no Ray here and no .devbundle/: run bash ../shared/tools/device-bundle.sh" >&2; \
 	    exit 2; }; bash .devbundle/setup.sh; }
-	$(GPU_ENV) $(GPU_PY) -m benchmarks.gpu_check --out $(OUT) --mode $(or $(MODE),auto)
+	$(GPU_ENV) $(GPU_PY) -m benchmarks.gpu_check --out $(OUT) --mode $(or $(MODE),auto) \
+	  $(if $(PARTS),--parts $(PARTS))
 
 clean:
 	rm -rf $(VENV) $(RUNS) .pytest_cache

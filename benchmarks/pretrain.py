@@ -4,8 +4,10 @@
    on the device, no data loading, no Ray: the ceiling of this code on this machine; next to
    it the same step as it was before it lost its host syncs (input checks and a metrics read
    every step), alternated with it in rounds so both see the same machine load;
-2. ray: `sepp pretrain` through Ray Train on an ingested dataset (1 worker), steady-state
-   epochs only (the first is warm-up);
+2. ray: `sepp pretrain` through Ray Train on an ingested dataset (1 worker with every core, as
+   the bare step has), steady-state epochs only (the first is warm-up), once with the split
+   held in memory (`data_plane=resident`) and once streamed (`stream`, one core left to the
+   decode tasks);
 3. cpu-aug: the classic pipeline, torchvision augmentation per image in DataLoader workers on
    the CPU, feeding the same model step.
 
@@ -70,6 +72,8 @@ def bare(args: argparse.Namespace, images: np.ndarray, device: torch.device) -> 
         "image2": x,
         "id": torch.arange(args.batch, device=device),
         "pos_ids": torch.full((args.batch, 1), -1, device=device),
+        "view_ids": torch.arange(args.batch, device=device)[:, None].repeat(1, 2),
+        "group": torch.full((args.batch,), -1, device=device),
     }
     trainers = {"now": _trainer(args, images.shape[1], device)}
     trainers["before"] = _trainer(args, images.shape[1], device)
@@ -162,6 +166,33 @@ def cpu_aug(args: argparse.Namespace, images: np.ndarray, device: torch.device) 
     return n / (time.perf_counter() - t0)
 
 
+def ray_train(args: argparse.Namespace, plane: str) -> float:
+    """Steady-state pairs/s of `sepp pretrain` (1 worker; the first epoch is warm-up). The
+    worker gets every core (as many torch threads as the bare step), less one for the decode
+    tasks when the data streams."""
+    cores = os.cpu_count() or 1
+    out = os.path.join(tempfile.mkdtemp(prefix="sepp-bench-pt-"), "run")
+    m = pretrain(
+        PretrainConfig(
+            dataset=args.dataset,
+            out=out,
+            backbone=args.backbone,
+            cifar_stem=args.cifar_stem,
+            epochs=args.epochs,
+            batch_size=args.batch,
+            warmup_epochs=1,
+            knn_monitor=False,
+            checkpoint_every=args.epochs,
+            compile=args.compile,
+            shuffle_buffer=0,
+            data_plane=plane,
+            cpus_per_worker=float(cores if plane == "resident" else max(1, cores - 1)),
+        )
+    )
+    steady = [h["pairs_per_s"] for h in m["history"][1:]] or [m["history"][0]["pairs_per_s"]]
+    return float(np.mean(steady))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dataset", required=True, help="an ingested dataset URI")
@@ -173,6 +204,9 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--loader-workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--skip-ray", action="store_true")
+    ap.add_argument(
+        "--data-plane", nargs="+", default=["resident", "stream"], choices=["resident", "stream"]
+    )
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ds = ImageDataset.open(args.dataset)
@@ -187,25 +221,8 @@ def main() -> None:
         "bare step, per-step checks and metrics read (before)": before,
         "cpu torchvision aug DataLoader": cpu_aug(args, images, device),
     }
-    if not args.skip_ray:
-        out = os.path.join(tempfile.mkdtemp(prefix="sepp-bench-pt-"), "run")
-        m = pretrain(
-            PretrainConfig(
-                dataset=args.dataset,
-                out=out,
-                backbone=args.backbone,
-                cifar_stem=args.cifar_stem,
-                epochs=args.epochs,
-                batch_size=args.batch,
-                warmup_epochs=1,
-                knn_monitor=False,
-                checkpoint_every=args.epochs,
-                compile=args.compile,
-                shuffle_buffer=0,
-            )
-        )
-        steady = [h["pairs_per_s"] for h in m["history"][1:]] or [m["history"][0]["pairs_per_s"]]
-        rows["ray train (1 worker)"] = float(np.mean(steady))
+    for plane in [] if args.skip_ray else args.data_plane:
+        rows[f"ray train (1 worker, {plane})"] = ray_train(args, plane)
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "none"
     print(
         f"machine: {platform.node()}, {os.cpu_count()} CPUs, GPU {gpu}, torch "

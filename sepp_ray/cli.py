@@ -107,7 +107,7 @@ COMMANDS: dict[str, Command] = {
         run_curate,
         ("pairs",),
         "review mined pairs in the browser; export the accepted ones for pretraining",
-        options=("port", "export", "host", "token"),
+        options=("port", "export", "host"),
     ),
     "pairs-report": Command(
         PairsReportConfig,
@@ -162,7 +162,46 @@ def build_parser() -> argparse.ArgumentParser:
             )
         if "format" in {f for f, *_ in cfg.describe(spec.config_cls)}:
             p.add_argument("--format", dest="flag_format", help="same as format=...")
+        if name in DRY_RUN:
+            _add_dry_run(p)
     return parser
+
+
+# commands that print their plan with --dry-run instead of running (sepp_ray.flow.dryrun)
+DRY_RUN = ("pipeline", "pretrain")
+
+
+def _add_dry_run(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dry-run",
+        dest="dry_run",
+        action="store_true",
+        help="print every stage, its resources, wall time and GPU-hours; start nothing",
+    )
+    p.add_argument(
+        "--hardware",
+        dest="dry_hardware",
+        metavar="GPUxN",
+        help="the plan's hardware: h100x8, a100x32, ... (default: H100s, one a worker)",
+    )
+    p.add_argument(
+        "--data-size",
+        dest="dry_data_size",
+        metavar="NAME|N",
+        help="the plan's data where it cannot be read here: cifar10, stl10, imagenet100, "
+        "imagenet, or the training split's image count",
+    )
+
+
+def dry_run_request(argv: list[str]) -> tuple[str | None, str | None] | None:
+    """(hardware, data size) when ``argv`` asks for a dry run, else None."""
+    args, _ = build_parser().parse_known_args(argv)
+    plan = (getattr(args, "dry_hardware", None), getattr(args, "dry_data_size", None))
+    if getattr(args, "dry_run", False):
+        return plan
+    if any(plan):
+        raise SeppError("--hardware and --data-size describe a plan: add --dry-run")
+    return None
 
 
 def parse_config(argv: list[str]) -> tuple[Command, Any]:
@@ -227,10 +266,15 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     try:
         spec, config = parse_config(args)
+        name = next(n for n, s in COMMANDS.items() if s is spec)
+        plan = dry_run_request(args)
+        if plan is not None:
+            from sepp_ray.flow.dryrun import dry_run
+
+            return dry_run(name, config, *plan)
     except SeppError as e:
         print(f"sepp: error: {e}", file=sys.stderr)
         return e.exit_code
-    name = next(n for n, s in COMMANDS.items() if s is spec)
     verbose = verbose_from_env() or any(a in ("-v", "--verbose") for a in args)
     return _run_quietly(name, spec, config, verbose)
 

@@ -23,6 +23,7 @@ from functools import lru_cache
 from typing import Any
 
 import fsspec
+import pyarrow.fs as pafs
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
@@ -99,9 +100,22 @@ def ray_storage_filesystem(uri: str) -> Any:
     rest of sepp-ray; None for a local path (Ray's own default)."""
     if not is_remote(uri):
         return None
-    import pyarrow.fs as pafs
+    return pafs.PyFileSystem(_StoreHandler(filesystem(uri)[0]))
 
-    return pafs.PyFileSystem(pafs.FSSpecHandler(filesystem(uri)[0]))
+
+class _StoreHandler(pafs.FSSpecHandler):
+    """Equal to the handler of the same store in any process: fsspec's own equality compares
+    instance tokens, which include the process and thread, and Ray Train accepts a checkpoint
+    written in place only on a filesystem equal to its run's."""
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, pafs.FSSpecHandler):
+            return NotImplemented
+        a, b = self.fs, other.fs
+        return type(a) is type(b) and a.storage_options == b.storage_options
+
+    def __hash__(self) -> int:
+        return hash(type(self.fs))
 
 
 @dataclass(frozen=True)

@@ -188,7 +188,7 @@ def test_pretrain_settings_are_checked_without_locations() -> None:
         ({"method": "mocov9"}, "unknown method 'mocov9'"),
         ({"hparams": {"temprature": 0.1}}, r"unknown hyperparameter\(s\) \['temprature'\]"),
         ({"decode_on": "tpu"}, "decode_on must be cpu or gpu"),
-        ({"read_ahead": 0}, "read_ahead must be >= 1"),
+        ({"read_ahead": -1}, "read_ahead must be >= 0"),
         ({"knn_k": 0}, "knn_k must be >= 1"),
         ({"budget_steps": 0}, "budget_steps must be >= 1 or none"),
         ({"preflight_limit_gb": 0.0}, "preflight_limit_gb must be > 0"),

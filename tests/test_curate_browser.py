@@ -24,6 +24,10 @@ from sepp_ray.curate.session import Curation
 from tests.test_curate import make_mined
 
 REPO = Path(__file__).resolve().parents[1]
+# class folder names as they come: one that is HTML with a script, one of ImageNet's long ones
+HOSTILE = "<img src=x onerror=document.title=42>"
+LONG = "great grey owl, great gray owl, Strix nebulosa, the largest owl of the northern forests"
+NAMES = [HOSTILE, LONG, "blue", "grey"]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 DRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 
@@ -55,7 +59,8 @@ class Server:
 
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return make_mined(tmp_path_factory.mktemp("curate"), n_images=60, n_pairs=50)
+    root = tmp_path_factory.mktemp("curate")
+    return make_mined(root, n_images=60, n_pairs=50, classes=NAMES)
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +80,7 @@ def browser() -> Iterator[Any]:
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
         opts.add_argument(arg)
     opts.add_argument("--window-size=1280,1000")
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # CSP refusals show there
     driver = webdriver.Chrome(service=Service(DRIVER), options=opts)
     driver.implicitly_wait(0)
     yield driver
@@ -129,6 +135,64 @@ def keys(driver: Any, text: str) -> None:
     from selenium.webdriver.common.action_chains import ActionChains
 
     after(driver, lambda: ActionChains(driver).send_keys(text).perform())
+
+
+GEOMETRY = """
+const box = (el) => el.getBoundingClientRect();
+const cards = [...document.querySelectorAll(".pair")];
+return {
+  title: document.title,
+  cookie: document.cookie,
+  imgs: document.querySelectorAll("#grid img").length,
+  cards: cards.length,
+  gridOverflow: document.getElementById("grid").scrollWidth -
+    document.getElementById("grid").clientWidth,
+  captions: [...document.querySelectorAll("figcaption")].map((c) => ({
+    text: c.textContent, title: c.title, children: c.children.length,
+    cut: c.scrollWidth > c.clientWidth, overflow: getComputedStyle(c).textOverflow,
+  })),
+  cardBoxes: cards.map((c) => {
+    const [a, b] = [...c.querySelectorAll("img")].map(box);
+    const k = box(c);
+    return { left: k.left, right: k.right, width: k.width,
+             a: { left: a.left, right: a.right, width: a.width },
+             b: { left: b.left, right: b.right, width: b.width } };
+  }),
+};
+"""
+
+
+def test_class_names_are_text_cut_to_their_slot(
+    browser: Any, server: list[Server], pairs: str
+) -> None:
+    browser.set_window_size(1400, 1000)
+    assert "?token=" in server[0].url
+    browser.get(server[0].url)
+    wait(browser, lambda d: ready(d), "the first page")
+    assert "token" not in browser.current_url  # traded for a cookie, out of the address bar
+    g = browser.execute_script(GEOMETRY)
+    assert g["title"] == "sepp curate"  # the hostile name's handler never ran
+    # nor was it refused by the page's Content-Security-Policy: it never became HTML at all
+    refused = [
+        e["message"] for e in browser.get_log("browser") if "Security Policy" in e["message"]
+    ]
+    assert not refused, refused
+    assert g["cookie"] == ""  # HttpOnly: no script reads the token
+    assert g["cards"] > 0 and g["imgs"] == 2 * g["cards"]  # no <img> but the pairs' own
+    caps = g["captions"]
+    assert all(c["children"] == 0 and c["title"] == c["text"] for c in caps)
+    hostile = [c for c in caps if c["text"].endswith(HOSTILE)]
+    long = [c for c in caps if c["text"].endswith(LONG)]
+    assert hostile and long  # shown literally, whole on hover (the title)
+    assert all(c["cut"] and c["overflow"] == "ellipsis" for c in long)
+    assert g["gridOverflow"] <= 0
+    widths = [b["width"] for b in g["cardBoxes"]]
+    assert max(widths) - min(widths) < 1  # no card widened by its names
+    for b in g["cardBoxes"]:
+        a, p = b["a"], b["b"]
+        assert b["left"] <= a["left"] < a["right"] <= p["left"] < p["right"] <= b["right"]
+        assert abs(a["width"] - p["width"]) < 1 and a["width"] > 80  # two equal slots
+    browser.set_window_size(1280, 1000)
 
 
 def test_mouse_and_keys_decide_and_undo(browser: Any, server: list[Server], pairs: str) -> None:

@@ -1,15 +1,39 @@
-"""The pure parts of the data plane: epoch plans, decoding modes, the shuffle buffer (no Ray)."""
+"""The data plane's parts: epoch plans, decoding modes, the shuffle buffer, the feed across epochs
+(one test reads through Ray tasks on the session's cluster)."""
 
 from __future__ import annotations
 
+import io
+import threading
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from sepp_ray.errors import SeppError
-from sepp_ray.train.decode import CropSpec, DecodeSpec, crop_box, decode_on_device, decode_rows
-from sepp_ray.train.feed import ShuffleBuffer, pack, units_of
-from sepp_ray.train.plan import Chunk, rank_slices
+from sepp_ray.train.decode import (
+    CropSpec,
+    DecodeSpec,
+    crop_box,
+    decode_on_device,
+    decode_parts,
+    decode_rows,
+)
+from sepp_ray.train.feed import (
+    Batch,
+    EpochPart,
+    FeedConfig,
+    RankFeed,
+    ShuffleBuffer,
+    auto_read_ahead,
+    rank_batches,
+    task_groups,
+    units_of,
+)
+from sepp_ray.train.plan import Chunk, Slice, rank_slices
+from sepp_ray.train.shuffle import pack_units
 from tests.imagetree import encode, rgb
 
 
@@ -54,6 +78,8 @@ def _table(n: int = 4, size: int = 32, fmt: str = "PNG") -> pa.Table:
     return pa.table(
         {
             "item_id": pa.array(range(n), pa.int64()),
+            "image_id": pa.array([10, 11, 12, 13][:n], pa.int64()),
+            "image2_id": pa.array([-1, 10, -1, -1][:n], pa.int64()),
             "image": blobs,
             "image2": [None, blobs[0], None, None][:n],
             "label": pa.array([1, None, 2, 3][:n], pa.int32()),
@@ -99,9 +125,9 @@ def test_jpeg_bytes_decode_on_the_device_as_on_the_cpu() -> None:
 
 def test_pack_keeps_groups_whole_while_singles_fill_the_gaps() -> None:
     group = np.array([-1, 3, 3, 3, -1, -1, 4, 4, -1, -1, -1, -1, 9, 9, 9, 9])
-    units = units_of(group)
-    assert [len(u) for u in units] == [1, 3, 1, 1, 2, 1, 1, 1, 1, 4]
-    batches, rest = pack(units, 4, 3)
+    lens = units_of(group)
+    assert lens.tolist() == [1, 3, 1, 1, 2, 1, 1, 1, 1, 4]
+    batches, rest = pack_units(np.arange(len(group)), lens, 4, 3)
     assert all(len(b) == 4 for b in batches) and len(rest) == 4
     for b in batches:
         for g in (3, 4, 9):
@@ -122,3 +148,212 @@ def test_shuffle_buffer_is_seeded_and_loses_no_row() -> None:
     a = run(0)
     assert sorted(x for b in a for x in b) == list(range(48)) and all(len(b) == 8 for b in a)
     assert a == run(0) and a != run(1)
+
+
+def _reference_pack(
+    units: list[np.ndarray], batch: int, n_batches: int
+) -> tuple[list[list[int]], list[int]]:
+    """The packing rule row by row, as first written: the oracle for the vectorised one."""
+    groups = [u.tolist() for u in units if len(u) > 1]
+    singles = [int(u[0]) for u in units if len(u) == 1]
+    gi = si = 0
+    out: list[list[int]] = []
+    spill: list[int] = []
+    for _ in range(n_batches):
+        parts, spill = spill[:batch], spill[batch:]
+        while len(parts) < batch and gi < len(groups):
+            if len(parts) + len(groups[gi]) > batch and si < len(singles):
+                break
+            take = batch - len(parts)
+            parts, spill = parts + groups[gi][:take], spill + groups[gi][take:]
+            gi += 1
+        while len(parts) < batch and si < len(singles):
+            parts.append(singles[si])
+            si += 1
+        while len(parts) < batch and gi < len(groups):
+            take = batch - len(parts)
+            parts, spill = parts + groups[gi][:take], spill + groups[gi][take:]
+            gi += 1
+        out.append(parts)
+    return out, spill + [r for g in groups[gi:] for r in g] + singles[si:]
+
+
+def test_vectorised_pack_matches_the_row_by_row_rule() -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(300):
+        lens = rng.choice([1, 1, 1, 1, 2, 3, 5, 9], size=int(rng.integers(0, 40)))
+        rows = rng.permutation(int(lens.sum()))
+        units = np.split(rows, np.cumsum(lens)[:-1]) if len(lens) else []
+        batch = int(rng.integers(1, 12))
+        n_batches = int(lens.sum()) // batch
+        want, want_rest = _reference_pack(units, batch, n_batches)
+        got, rest = pack_units(rows, lens.astype(np.int64), batch, n_batches)
+        assert [b.tolist() for b in got] == want
+        assert rest.tolist() == want_rest
+
+
+def _blocks(sizes: list[int], grouped_every: int = 5) -> list[dict[str, np.ndarray]]:
+    """Row blocks whose image rows encode their id; every few rows a group of three."""
+    out, start = [], 0
+    for n in sizes:
+        ids = np.arange(start, start + n)
+        group = np.full(n, -1)
+        for g in range(0, n - 2, grouped_every):
+            group[g : g + 3] = start + g
+        image = np.broadcast_to((ids % 251).astype(np.uint8)[:, None, None, None], (n, 4, 4, 3))
+        out.append({"id": ids, "group": group, "image": image, "view_ids": np.stack([ids, ids], 1)})
+        start += n
+    return out
+
+
+def test_shuffle_buffer_moves_whole_rows_keeps_groups_and_bounded_slots() -> None:
+    blocks = _blocks([3, 17, 40, 1, 25, 30, 12, 16])
+    batch, capacity = 8, 32
+    buf = ShuffleBuffer(batch, capacity, np.random.default_rng(0))
+    got = []
+    for b in blocks:
+        got += list(buf.push(b))
+        # slots: never more than the pool's bound (capacity + a batch + the largest block)
+        assert len(buf.store["id"]) <= capacity + batch + 40
+    got += list(buf.flush())
+    ids = np.concatenate([b["id"] for b in got])
+    assert sorted(ids.tolist()) == list(range(144)) and all(len(b["id"]) == batch for b in got)
+    for b in got:
+        np.testing.assert_array_equal(b["image"][:, 0, 0, 0], b["id"] % 251)
+        np.testing.assert_array_equal(b["view_ids"][:, 1], b["id"])
+    where = {int(i): k for k, b in enumerate(got) for i in b["id"]}
+    for blk in blocks:
+        for g in set(blk["group"][blk["group"] >= 0].tolist()):
+            assert len({where[int(i)] for i in blk["id"][blk["group"] == g]}) == 1
+
+
+def test_view_ids_name_the_image_behind_each_view() -> None:
+    rng = np.random.default_rng(0)
+    items = decode_rows(_table(), DecodeSpec("full", 32), rng)
+    assert items["view_ids"].tolist() == [[10, 10], [11, 10], [12, 12], [13, 13]]
+    assert decode_rows(_table(), DecodeSpec("bytes", 32), rng)["view_ids"].tolist()[1] == [11, 10]
+    images = _table().drop_columns(["item_id", "image2", "image_id", "image2_id"])
+    images = images.append_column("id", pa.array([5, 6, 7, 8], pa.int64()))
+    assert decode_rows(images, DecodeSpec("eval", 32), rng)["view_ids"].tolist()[2] == [7, 7]
+    old = _table().drop_columns(["image_id", "image2_id"])
+    with pytest.raises(SeppError, match="predates image ids.*overwrite=true"):
+        decode_rows(old, DecodeSpec("full", 32), rng)
+
+
+def test_small_jpegs_decode_in_one_batch_as_pil_does_them() -> None:
+    from PIL import Image
+
+    t = _table(n=4, size=32, fmt="JPEG")
+    out = decode_rows(t, DecodeSpec("full", 32), np.random.default_rng(0))
+    for i, blob in enumerate(t["image"].to_pylist()):
+        np.testing.assert_array_equal(out["image"][i], np.asarray(Image.open(io.BytesIO(blob))))
+    np.testing.assert_array_equal(out["image2"][1], out["image"][0])  # the pair's positive
+    with pytest.raises(SeppError, match="not uniform"):
+        decode_rows(_table(size=40, fmt="JPEG"), DecodeSpec("full", 32), np.random.default_rng(0))
+
+
+def test_decode_parts_equals_decoding_each_table() -> None:
+    spec = DecodeSpec("crop", 16, view1=CropSpec(16), view2=CropSpec(8), max_positives=2)
+    a, b = _table(), _table(n=3, fmt="JPEG")
+    both = decode_parts([(a, np.random.default_rng(1)), (b, np.random.default_rng(2))], spec)
+    one = decode_rows(a, spec, np.random.default_rng(1))
+    two = decode_rows(b, spec, np.random.default_rng(2))
+    assert both.keys() == one.keys()
+    for k in both:
+        np.testing.assert_array_equal(both[k], np.concatenate([one[k], two[k]]))
+
+
+def test_read_ahead_follows_the_spare_cpus_within_bounds() -> None:
+    assert auto_read_ahead(16, 1.0, 8 * 2**20) == 18
+    assert auto_read_ahead(6, 2.0, 8 * 2**20) == 5
+    assert auto_read_ahead(0, 1.0, 8 * 2**20) == 2  # a busy node still reads ahead
+    assert auto_read_ahead(500, 1.0, 2**20) == 64
+    assert auto_read_ahead(500, 1.0, 2**28) == 4  # 1 GiB in flight at most
+
+
+def test_small_images_are_read_several_slices_a_task() -> None:
+    slices = [Slice(Chunk(f"f{i}", 0, 256, "images"), 0, 256) for i in range(12)]
+    small = task_groups(slices, DecodeSpec("full", 32))  # 6 KiB a row: ~1,400 rows a task
+    assert [len(g) for g in small] == [6, 6] and [s for g in small for s in g] == slices
+    big = DecodeSpec("crop", 224, view1=CropSpec(224), view2=CropSpec(224))
+    assert [len(g) for g in task_groups(slices, big)] == [1] * 12
+
+
+def _shards(root: Path, files: int = 3, per_file: int = 48) -> list[Chunk]:
+    """Image shards of 8 px JPEGs (row groups of 16), and their chunks."""
+    from sepp_ray.data.schema import IMAGE_SCHEMA
+
+    chunks = []
+    for f in range(files):
+        ids = list(range(f * per_file + 1, (f + 1) * per_file + 1))
+        t = pa.table(
+            {
+                "id": ids,
+                "image": [encode(rgb(i, 8), "JPEG") for i in ids],
+                "label": [i % 10 for i in ids],
+                "split": ["train"] * per_file,
+                "key": [str(i) for i in ids],
+            },
+            schema=IMAGE_SCHEMA,
+        )
+        path = root / f"part-{f}.parquet"
+        pq.write_table(t, path, row_group_size=16)
+        chunks += [Chunk(str(path), g, 16, "images") for g in range(per_file // 16)]
+    return chunks
+
+
+def _parts(chunks: list[Chunk], epochs: int, batch: int, steps: int) -> list[EpochPart]:
+    return [
+        EpochPart(e, rank_slices(chunks, 0, e, 1, 0, batch * steps), steps) for e in range(epochs)
+    ]
+
+
+def test_the_feed_stays_alive_across_epochs_in_the_same_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sepp_ray.train import feed
+
+    chunks = _shards(tmp_path)
+    spec, cfg = DecodeSpec("full", 8, split="train"), FeedConfig(16, buffer_rows=32)
+    parts = _parts(chunks, 3, 16, 8)
+    alone = [
+        [b["id"].tolist() for b in rank_batches(p.slices, spec, cfg, 0, p.epoch, 0, 8, False)]
+        for p in parts
+    ]
+    reads: list[int] = []
+    next_epoch_read = threading.Event()
+    real = feed.read_slices
+
+    def spy(group: list[Slice], spec: DecodeSpec, seed: int, epoch: int) -> Batch:
+        reads.append(epoch)
+        if epoch == 1:
+            next_epoch_read.set()
+        return real(group, spec, seed, epoch)
+
+    monkeypatch.setattr(feed, "read_slices", spy)
+    stream = RankFeed(iter(parts), spec, cfg, seed=0, rank=0, use_ray=False)
+    first = stream.epoch(0)
+    seen = [next(first)["id"].tolist() for _ in range(7)]
+    # epoch 0's last batch not yet taken: epoch 1's first read is already under way
+    assert next_epoch_read.wait(10) and 1 in reads
+    seen += [b["id"].tolist() for b in first]
+    assert seen == alone[0]  # the order is the epoch's own, whatever ran ahead
+    assert [[b["id"].tolist() for b in stream.epoch(e)] for e in (1, 2)] == alone[1:]
+    assert alone[0] != alone[1]
+    with pytest.raises(SeppError, match="past the feed's last planned epoch"):
+        next(stream.epoch(3))
+
+
+def test_the_feed_reads_in_ray_tasks_as_locally_across_epochs(
+    tmp_path: Path, ray_cluster: str
+) -> None:
+    chunks = _shards(tmp_path)
+    spec, cfg = DecodeSpec("full", 8, split="train"), FeedConfig(16, buffer_rows=32)
+    parts = _parts(chunks, 2, 16, 9)
+    local = RankFeed(parts, spec, cfg, seed=0, rank=0, use_ray=False)
+    remote = RankFeed(parts, spec, cfg, seed=0, rank=0, use_ray=True)
+    for e in (0, 1):
+        a, b = list(local.epoch(e)), list(remote.epoch(e))
+        assert len(a) == 9 and [x["id"].tolist() for x in a] == [x["id"].tolist() for x in b]
+        assert all(np.array_equal(x["image"], y["image"]) for x, y in zip(a, b, strict=True))
+    assert remote.reader.read_ahead >= 2  # sized from the node's spare CPUs (auto)

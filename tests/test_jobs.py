@@ -17,6 +17,8 @@ import pytest
 import yaml
 
 from sepp_ray.cli import COMMANDS, parse_config
+from sepp_ray.data.classlists import load_class_list, parse_class_list
+from sepp_ray.errors import SeppError
 from sepp_ray.eval.command import EvalConfig
 from sepp_ray.flow.pipeline import PipelineConfig, check_arms
 from sepp_ray.train.driver import PretrainConfig
@@ -36,6 +38,9 @@ STAGE_FILES = {
     "eval-cifar10.yaml": "eval",
     "pipeline-cifar10.yaml": "pipeline",
     "pipeline-digits.yaml": "pipeline",
+    "pipeline-stl10.yaml": "pipeline",
+    "pipeline-imagenet100.yaml": "pipeline",
+    "pipeline-imagenet.yaml": "pipeline",
     "sweep-digits.yaml": "sweep",
 }
 # what each command gets on the command line besides its positionals
@@ -76,6 +81,12 @@ def test_stage_config_loads_and_validates(name: str) -> None:
     assert all(getattr(config, p) == v for p, v in zip(spec.positionals, positionals, strict=True))
 
 
+def test_every_config_in_jobs_is_validated() -> None:
+    """A recipe added to jobs/ is checked here (and dry-runs in tests/test_dryrun.py)."""
+    shipped = {p.name for p in JOBS.glob("*.yaml")} - {"runtime_env.yaml"}
+    assert shipped == set(STAGE_FILES)
+
+
 def test_a_typo_in_a_stage_config_is_caught(tmp_path: Path) -> None:
     bad = tmp_path / "pretrain.yaml"
     bad.write_text((JOBS / "pretrain-cifar10.yaml").read_text().replace("epochs:", "epoch:", 1))
@@ -103,6 +114,82 @@ def test_runtime_env_check_bites() -> None:
 
     with pytest.raises((TypeError, ValueError)):
         RuntimeEnv(**{**runtime_env_file(), "pip": {"packages": ["x"], "pip_chek": False}})
+
+
+# ---- the recipes' class lists ----------------------------------------------------------------
+
+WNID = re.compile(r"^n\d{8}$")
+
+
+def test_imagenet100_is_100_distinct_imagenet_classes() -> None:
+    """CMC's ImageNet-100 (arXiv 1906.05849): 100 WordNet ids, each an ILSVRC-2012 class."""
+    in100 = load_class_list("imagenet100").classes
+    in1k = load_class_list("imagenet1k").classes
+    assert len(in100) == len(set(in100)) == 100
+    assert all(WNID.match(c) for c in in100)
+    assert len(in1k) == len(set(in1k)) == 1000 and list(in1k) == sorted(in1k)
+    assert set(in100) <= set(in1k)
+    assert in100[:3] == ("n02869837", "n01749939", "n02488291")  # the list's own order
+
+
+def write_tree(root: Path, classes: dict[str, list[str]]) -> None:
+    """An ImageFolder tree: split -> its class folders, two files each (never decoded here)."""
+    for split, names in classes.items():
+        for cls in names:
+            (root / split / cls).mkdir(parents=True)
+            for i in range(2):
+                (root / split / cls / f"{i}.JPEG").write_bytes(b"not read")
+
+
+def test_the_class_filter_keeps_the_listed_classes(tmp_path: Path) -> None:
+    from sepp_ray.data.sources import SourceOptions, open_source
+
+    listed = ["n00000002", "n00000001"]
+    write_tree(tmp_path / "tree", {s: [*listed, "n00000003"] for s in ("train", "test")})
+    (tmp_path / "subset.txt").write_text("# a subset\n" + "\n".join(listed) + "\n")
+    options = SourceOptions(classes=str(tmp_path / "subset.txt"))
+    src: Any = open_source(str(tmp_path / "tree"), "imagefolder", options)
+    assert src.class_names() == sorted(listed)
+    assert src.excluded == 4 and len(src._files) == 8
+    assert src.describe()["classes"] == str(tmp_path / "subset.txt")
+    unfiltered: Any = open_source(str(tmp_path / "tree"), "imagefolder", SourceOptions())
+    assert "classes" not in unfiltered.describe()
+    assert unfiltered.fingerprint() != src.fingerprint()
+
+
+def test_the_class_filter_refuses_a_tree_lacking_a_listed_class(tmp_path: Path) -> None:
+    from sepp_ray.data.sources import SourceOptions, open_source
+
+    write_tree(tmp_path, {"train": ["n00000001", "n00000002"], "test": ["n00000001"]})
+    (tmp_path.parent / "two.txt").write_text("n00000001\nn00000002\n")
+    options = SourceOptions(classes=str(tmp_path.parent / "two.txt"))
+    with pytest.raises(SeppError, match=r"split 'test' .* lacks 1 of the 2 classes .*n00000002"):
+        open_source(str(tmp_path), "imagefolder", options)
+
+
+def test_imagenet100_is_refused_on_a_partial_imagenet(tmp_path: Path) -> None:
+    from sepp_ray.data.sources import SourceOptions, open_source
+
+    in100 = load_class_list("imagenet100").classes
+    write_tree(tmp_path, {"train": list(in100[:-1]), "test": list(in100)})
+    with pytest.raises(
+        SeppError, match=rf"lacks 1 of the 100 classes of class list imagenet100 \({in100[-1]}\)"
+    ):
+        open_source(str(tmp_path), "imagefolder", SourceOptions(classes="imagenet100"))
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("", "names no class"), ("n1\nn2\nn1\n", "names n1 more than once")],
+)
+def test_a_bad_class_list_is_refused(text: str, message: str) -> None:
+    with pytest.raises(SeppError, match=message):
+        parse_class_list(text, "list.txt")
+
+
+def test_an_unknown_class_list_names_the_shipped_ones(tmp_path: Path) -> None:
+    with pytest.raises(SeppError, match="imagenet100, imagenet1k"):
+        load_class_list(str(tmp_path / "imagenet-100"))
 
 
 # ---- jobs on the session cluster ---------------------------------------------------------------

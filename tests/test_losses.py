@@ -1,4 +1,7 @@
-"""Each loss against an oracle: lightly's implementations, or hand-computed references."""
+"""Each loss against an oracle: lightly's implementations, or hand-computed references.
+
+lightly is imported inside the tests that use it: the GPU image lacks it, and its `pytest -m gpu`
+collects this module."""
 
 from __future__ import annotations
 
@@ -8,13 +11,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from lightly.loss import (
-    BarlowTwinsLoss,
-    NegativeCosineSimilarity,
-    NTXentLoss,
-    VICRegLoss,
-)
-from lightly.loss import DINOLoss as LightlyDINOLoss
 
 from sepp_ray.losses import (
     DINOLoss,
@@ -22,7 +18,10 @@ from sepp_ray.losses import (
     byol_loss,
     info_nce_loss,
     negative_cosine_similarity,
+    pair_counts,
     positive_mask,
+    resolve_masks,
+    same_image_mask,
     self_mask,
     vicreg_loss,
 )
@@ -196,6 +195,8 @@ def test_info_nce_one_positive_equals_lightly_ntxent(temperature: float) -> None
     z1 = torch.randn(n, 16, generator=_gen(9))
     pos, valid = _two_view_masks(n)
     z = torch.cat([z0, z1])
+    from lightly.loss import NTXentLoss
+
     got = info_nce_loss(z, z, pos, temperature, valid)
     want = NTXentLoss(temperature=temperature)(z0, z1)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
@@ -258,6 +259,8 @@ def test_info_nce_raises_without_positive() -> None:
 
 
 def test_negative_cosine_and_byol() -> None:
+    from lightly.loss import NegativeCosineSimilarity
+
     p = torch.randn(10, 7, generator=_gen(17))
     z = torch.randn(10, 7, generator=_gen(18))
     got = negative_cosine_similarity(p, z)
@@ -274,6 +277,8 @@ def test_negative_cosine_and_byol() -> None:
 
 def test_dino_matches_lightly_over_steps() -> None:
     """2 global + 2 local crops, teacher temperature warm-up and centre updates over 4 steps."""
+    from lightly.loss import DINOLoss as LightlyDINOLoss
+
     out_dim, b = 12, 6
     temps = {"warmup_teacher_temp": 0.04, "teacher_temp": 0.07, "student_temp": 0.1}
     ours = DINOLoss(
@@ -311,6 +316,8 @@ def test_dino_rejects_bad_views() -> None:
 
 
 def test_vicreg_matches_lightly() -> None:
+    from lightly.loss import VICRegLoss
+
     z_a = torch.randn(16, 10, generator=_gen(20), requires_grad=True)
     z_b = torch.randn(16, 10, generator=_gen(21), requires_grad=True)
     for gather in (True, False):  # no process group: gather changes nothing
@@ -327,6 +334,8 @@ def test_vicreg_matches_lightly() -> None:
 
 
 def test_barlow_twins_matches_lightly() -> None:
+    from lightly.loss import BarlowTwinsLoss
+
     z_a = torch.randn(16, 10, generator=_gen(22), requires_grad=True)
     z_b = (z_a.detach() + 0.5 * torch.randn(16, 10, generator=_gen(23))).requires_grad_()
     got = barlow_twins_loss(z_a, z_b, lambda_offdiag=0.0051)
@@ -347,3 +356,81 @@ def test_redundancy_losses_low_precision(fn) -> None:  # type: ignore[no-untyped
     torch.testing.assert_close(got, fn(z_a.bfloat16().float(), z_b.bfloat16().float()))
     with pytest.raises(ValueError):
         fn(z_a, z_b[:, :5])
+
+
+# --- image identity: same-image keys, augmentation-pair weight, pair counts ------------------
+
+
+def test_same_image_mask_matches_loop() -> None:
+    q = torch.tensor([[1, 1], [2, 5], [-1, -1], [7, 3]])
+    k = torch.tensor([[5, 5], [1, 9], [-1, 2], [3, 3], [8, 8]])
+    got = same_image_mask(q, k)
+    want = [
+        [bool({a for a in qi if a >= 0} & {b for b in kj if b >= 0}) for kj in k.tolist()]
+        for qi in q.tolist()
+    ]
+    assert got.tolist() == want
+    assert got.sum() == 4 and not got[2].any()  # a -1 ("none") matches nothing
+    with pytest.raises(ValueError, match="N x A"):
+        same_image_mask(torch.arange(3), k)
+
+
+def test_info_nce_same_image_key_is_removed_like_by_hand() -> None:
+    """A same-image key leaves the softmax of its query only, unless it is the positive: the
+    loss equals each anchor's loss with that key deleted from the keys."""
+    q = torch.randn(3, 4, generator=_gen(40), dtype=torch.float64)
+    k = torch.randn(5, 4, generator=_gen(41), dtype=torch.float64)
+    pos = torch.zeros(3, 5, dtype=torch.bool)
+    pos[0, 0] = pos[1, 1] = pos[2, 2] = True
+    same = torch.zeros(3, 5, dtype=torch.bool)
+    same[0, 3] = same[1, 1] = same[1, 4] = True  # (1, 1) is its positive: kept
+    got = info_nce_loss(q, k, pos, 0.3, same_image=same)
+    per_anchor = []
+    for i in range(3):
+        keep = [j for j in range(5) if pos[i, j] or not same[i, j]]
+        per_anchor.append(info_nce_loss(q[i : i + 1], k[keep], pos[i : i + 1, keep], 0.3))
+    torch.testing.assert_close(got, torch.stack(per_anchor).mean())
+    assert not torch.allclose(got, info_nce_loss(q, k, pos, 0.3))
+
+
+@pytest.mark.parametrize("w", [None, 0.0, 0.5, 1.0])
+def test_info_nce_aug_weight_matches_loop(w: float | None) -> None:
+    q = torch.randn(3, 4, generator=_gen(42), dtype=torch.float64)
+    k = torch.randn(6, 4, generator=_gen(43), dtype=torch.float64)
+    aug = torch.zeros(3, 6, dtype=torch.bool)
+    aug[0, 0] = aug[1, 1] = True  # anchor 2 has no augmentation pair among the keys
+    pos = aug.clone()
+    pos[0, 2] = pos[0, 3] = pos[0, 4] = pos[2, 5] = True  # anchor 1: only its aug pair
+    got = info_nce_loss(q, k, pos, 0.2, aug_mask=aug, aug_weight=w).item()
+    log_p = torch.log_softmax(F.normalize(q, dim=1) @ F.normalize(k, dim=1).T / 0.2, dim=1)
+    want = []
+    for i in range(3):
+        a = [-log_p[i, j].item() for j in range(6) if aug[i, j]]
+        o = [-log_p[i, j].item() for j in range(6) if pos[i, j] and not aug[i, j]]
+        if w is None or not a or not o:  # every positive alike, or only one kind
+            want.append(sum(a + o) / len(a + o))
+        else:
+            want.append(w * sum(a) / len(a) + (1 - w) * sum(o) / len(o))
+    assert got == pytest.approx(sum(want) / 3, rel=1e-10)
+    # None is the plain multi-positive loss; the default weighs anchor 0's pair 1/4
+    if w is None:
+        assert got == pytest.approx(info_nce_loss(q, k, pos, 0.2).item(), rel=1e-12)
+    with pytest.raises(ValueError, match="aug_weight"):
+        info_nce_loss(q, k, pos, 0.2, aug_mask=aug, aug_weight=1.5)
+
+
+def test_resolve_masks_and_pair_counts() -> None:
+    pos = torch.tensor([[1, 0, 0, 0], [0, 1, 0, 0]], dtype=torch.bool)
+    valid = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]], dtype=torch.bool)
+    same = torch.tensor([[0, 1, 0, 0], [0, 1, 1, 0]], dtype=torch.bool)
+    mined = torch.tensor([[0, 1, 1, 1], [1, 0, 0, 1]], dtype=torch.bool)
+    p, v = resolve_masks(pos, valid, mined, same)  # cancel mode: mined leave the negatives
+    assert p.tolist() == pos.tolist()
+    assert v is not None and v.tolist() == [[1, 0, 0, 0], [0, 1, 0, 0]]
+    assert resolve_masks(p, v, mined, same)[1].tolist() == v.tolist()  # idempotent
+    counts = pair_counts(same, p, v, mined, valid)
+    # mined pairs of different images the query may meet: (0, 2), (0, 3), (1, 0); (1, 3) is
+    # not a key of query 1 and (0, 1) is its own image
+    assert float(counts["pairs_used"]) == 3 and float(counts["same_image_negatives"]) == 0
+    # the same-image keys left in the softmax are counted: (0, 1) and (1, 2)
+    assert float(pair_counts(same, pos, valid)["same_image_negatives"]) == 2

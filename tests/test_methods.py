@@ -261,14 +261,16 @@ def hand_valid(
     pos: list[list[bool]],
     cancel: torch.Tensor | None,
     valid: list[list[bool]],
+    same: list[list[bool]] | None = None,
 ) -> list[list[bool]]:
-    """`valid` less each query's cancelled keys (its own id or a cancel id) that are not its
-    positives: false-negative cancellation by plain loops."""
-    if cancel is None:
-        return valid
-    c = hand_pos(q_ids, key_ids, cancel)
+    """`valid` less each query's removed keys that are not its positives, by plain loops: keys
+    of a cancel id (false-negative cancellation) and keys of its own image (`same`, default:
+    the same id, as when each item is its own image), in every arm."""
+    if same is None:
+        same = [[kj >= 0 and kj == qi for kj in key_ids] for qi in q_ids]
+    c = hand_pos(q_ids, key_ids, cancel, [False] * len(key_ids))
     return [
-        [valid[i][j] and (pos[i][j] or not c[i][j]) for j in range(len(key_ids))]
+        [valid[i][j] and (pos[i][j] or not (c[i][j] or same[i][j])) for j in range(len(key_ids))]
         for i in range(len(q_ids))
     ]
 
@@ -332,14 +334,23 @@ def ref_nnclr(
     filled = [i for i, kid in enumerate(m.queue_ids.tolist()) if kid >= 0]
     support = m.queue[filled]
 
-    def nearest(z: torch.Tensor) -> torch.Tensor:
-        return support[(F.normalize(z, dim=1) @ support.T).argmax(1)]
+    def nearest(z: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """Neighbours, and the image each is of (each item its own image: its id)."""
+        j = (F.normalize(z, dim=1) @ support.T).argmax(1)
+        return support[j], [int(m.queue_ids[filled[k]]) for k in j]
 
-    p = hand_pos(ids.tolist(), ids.tolist(), pos)
+    q_ids = ids.tolist()
+    p = hand_pos(q_ids, q_ids, pos)
     base = [[True] * len(ids) for _ in range(len(ids))]
-    valid = hand_valid(ids.tolist(), ids.tolist(), p, cancel, base)
     t = m.hp.temperature
-    return (hand_nce(nearest(z1), p2, p, valid, t) + hand_nce(nearest(z2), p1, p, valid, t)) / 2
+    terms = []
+    for z, pred in ((z1, p2), (z2, p1)):
+        nn_z, nn_img = nearest(z)
+        # a key of the query's image or of its neighbour's image is no negative
+        same = [[kj in (qi, nn_img[i]) for kj in q_ids] for i, qi in enumerate(q_ids)]
+        valid = hand_valid(q_ids, q_ids, p, cancel, base, same)
+        terms.append(hand_nce(nn_z, pred, p, valid, t))
+    return (terms[0] + terms[1]) / 2
 
 
 REFERENCES: dict[str, Callable[..., torch.Tensor]] = {
@@ -381,9 +392,11 @@ def test_moco_plain_has_one_positive_per_query(monkeypatch: pytest.MonkeyPatch) 
     seen: list[torch.Tensor] = []
     real = moco.info_nce_loss
 
-    def spy(q: torch.Tensor, keys: torch.Tensor, pos: torch.Tensor, *a: Any) -> torch.Tensor:
+    def spy(
+        q: torch.Tensor, keys: torch.Tensor, pos: torch.Tensor, *a: Any, **kw: Any
+    ) -> torch.Tensor:
         seen.append(pos & (a[1] if len(a) > 1 else torch.ones_like(pos)))
-        return real(q, keys, pos, *a)
+        return real(q, keys, pos, *a, **kw)
 
     monkeypatch.setattr(moco, "info_nce_loss", spy)
     views, ids = make_views(N)
@@ -490,3 +503,44 @@ def test_dino_multi_crop_and_freeze_last_layer() -> None:
     m.on_before_optimizer_step(epoch=0)  # first epoch: last layer frozen
     assert all(p.grad is None for p in last)
     assert not math.isnan(m.current_momentum)
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_every_method_accepts_view_ids(name: str) -> None:
+    """Image ids behind the views: renumbered distinct images change nothing; two items of one
+    image change exactly the contrastive methods (their negatives); every method reports the
+    pair counts."""
+    views, ids = make_views(N)
+    distinct = torch.stack([ids + 100, ids + 100], 1)
+    shared = distinct.clone()
+    shared[1] = torch.tensor([100, 107])  # item 1 is a pair item of images 0 and 7
+
+    def second_step(view_ids: torch.Tensor | None) -> tuple[torch.Tensor, Any]:
+        m = tiny(name)  # a first step with the same ids fills the queues
+        labels = labels_for(m, N)
+        m.training_loss(views, ids, labels=labels, view_ids=view_ids)
+        with torch.no_grad():
+            return m.training_loss(views, ids, labels=labels, view_ids=view_ids)
+
+    base = second_step(None)[0]
+    torch.testing.assert_close(second_step(distinct)[0], base)
+    loss, metrics = second_step(shared)
+    assert (not torch.allclose(loss, base)) is (name in ATTRACT)
+    assert float(metrics["same_image_negatives"]) == 0 and float(metrics["pairs_used"]) == 0
+    m = tiny(name)
+    with pytest.raises(ValueError, match="view_ids"):  # N, not N x 2
+        m.training_loss(views, ids, labels=labels_for(m, N), view_ids=ids)
+
+
+@pytest.mark.parametrize("name", ATTRACT)
+def test_aug_weight_is_an_option_of_the_multi_positive_loss(name: str) -> None:
+    with pytest.raises(SeppError, match="aug_weight"):
+        make_hparams(name, aug_weight=1.5)
+    views, ids = make_views(N)
+    losses = []
+    for w in (None, 0.9):
+        m = tiny(name, aug_weight=w)
+        train_loss(m, views, ids)
+        state = {k: v.clone() for k, v in m.state_dict().items()}
+        losses.append(loss_from(m, state, views, ids, linked_pos_ids(N)))
+    assert not torch.allclose(losses[0], losses[1])

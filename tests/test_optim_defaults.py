@@ -89,13 +89,24 @@ def test_simsiam_fixed_predictor_lr() -> None:
 
 def test_dino_adamw_schedule_and_clip() -> None:
     method = tiny("dino")
-    opt, recipe = worker_optimizer(config("dino"), method)
+    opt, recipe = worker_optimizer(config("dino", backbone="vit_small_patch16_224"), method)
     assert type(opt) is torch.optim.AdamW
     assert recipe.grad_clip == 3.0 and recipe.end_lr(1.0) == 1e-6
     decayed, plain = opt.param_groups
     assert decayed["lr"] == pytest.approx(5e-4 * 2) and decayed["betas"] == (0.9, 0.999)
     assert (decayed["weight_decay"], decayed["weight_decay_end"]) == (0.04, 0.4)
     assert plain["weight_decay"] == 0.0 and "weight_decay_end" not in plain
+
+
+def test_dino_on_a_resnet_takes_the_authors_resnet_recipe() -> None:
+    opt, recipe = worker_optimizer(config("dino", backbone="resnet18"), tiny("dino"))
+    assert type(opt) is torch.optim.SGD and recipe.source.startswith("DINO")
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.03 * 512 / 256)
+    assert recipe.weight_decay == 1e-4 and recipe.weight_decay_end is None
+    assert recipe.grad_clip == 3.0 and recipe.end_lr(1.0) == 1e-6
+    # an explicit setting still wins over the backbone's recipe
+    chosen = config("dino", backbone="resnet50", optimizer="adamw").optim_recipe()
+    assert chosen.optimizer == "adamw"
 
 
 def test_simclr_lars() -> None:
@@ -168,7 +179,8 @@ def make_trainer(method: Method, optimizer: torch.optim.Optimizer, steps: int) -
 def batch(n: int = 8) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     img = torch.randint(0, 256, (n, SIZE, SIZE, 3), dtype=torch.uint8, generator=g)
-    return {"image": img, "image2": img.clone(), "id": torch.arange(n)}
+    ids = torch.arange(n)
+    return {"image": img, "image2": img.clone(), "id": ids, "view_ids": torch.stack([ids, ids], 1)}
 
 
 def test_train_step_keeps_fixed_lr_and_follows_wd_schedule() -> None:

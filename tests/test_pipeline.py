@@ -65,6 +65,12 @@ def test_every_arm_takes_the_plain_runs_steps_and_a_rerun_reuses_every_stage(
     for arm, m in manifests.items():
         assert m["budget_steps"] == budget and m["total_steps"] == budget, arm
     assert {r["total_steps"] for r in first["runs"]} == {budget}
+    # no view of an image was a negative of a view of the same image, in any arm (the count
+    # is a run metric), and the pairs used are counted: pair items only in the pair arms
+    assert all(m["same_image_negatives"] == 0 for m in manifests.values())
+    assert manifests["plain"]["pair_items"] == 0
+    assert 0 < manifests["sp"]["pair_items"] <= 20 and 0 < manifests["ap"]["pair_items"] <= 20
+    assert all(m["data_plane"]["mode"] == "resident" for m in manifests.values())
     for arm in ("plain", "ap", "sp"):
         assert f"| {arm} | 1 |" in report and f"| {arm} | 0 |" in report
     # every run evaluated, on the test split, once
@@ -153,3 +159,69 @@ def test_the_budget_is_the_plain_runs_steps() -> None:
         planned_items(1000, 500, "dataset") == 1500 and planned_items(1000, 500, "cancel") == 1000
     )
     assert epochs_for(70, 1500 // 128) == 7 and epochs_for(70, 7) == 10
+
+
+def _fake_stages(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Any]]:
+    """Stand-ins for the training and mining stages that record what they were asked."""
+    import sepp_ray.flow.pipeline as pipeline
+
+    calls: list[tuple[str, Any]] = []
+
+    def train(st: Any, name: str, base: Any, *args: Any, **kw: Any) -> tuple[str, dict]:
+        calls.append((name, base.seed))
+        return "run", {"final_checkpoint": f"ckpt-seed{base.seed}", "total_steps": 30}
+
+    def mine(st: Any, data: Any, fp: Any, sampler: str, mining: Any, split: str, name: str) -> Any:
+        calls.append((name, (sampler, mining.seed, mining.m)))
+        pairs = {"num_pairs": 5, "anchors_with_positive": 5, "k": 5, "lo": 0.9, "hi": 0.99}
+        return f"pairs-{sampler}-{mining.seed}", {**pairs, "encoder": {"identity": sampler}}
+
+    monkeypatch.setattr(pipeline, "train_stage", train)
+    monkeypatch.setattr(pipeline, "mine_stage", mine)
+    return calls
+
+
+def test_sampler_per_seed_bootstraps_and_mines_again_for_each_seed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from sepp_ray.flow.pipeline import sampler_lines, samplers
+
+    calls = _fake_stages(monkeypatch)
+    cfg = load(PipelineConfig, None, ["seeds=3", "pretrain.seed=7", "sampler_per_seed=true"])
+    found = samplers(None, cfg, "data", "fp", 30)  # type: ignore[arg-type]
+    assert sorted(found) == [7, 8, 9]
+    # each seed: its own plain bootstrap run, then its own mining (anchors seeded per sampler)
+    assert calls[0::2] == [("bootstrap-seed7", 7), ("bootstrap-seed8", 8), ("bootstrap-seed9", 9)]
+    assert calls[1::2] == [
+        ("pairs-seed7", ("ckpt-seed7", 0, 4)),  # bootstrapped: 4 positives per anchor at most
+        ("pairs-seed8", ("ckpt-seed8", 1, 4)),
+        ("pairs-seed9", ("ckpt-seed9", 2, 4)),
+    ]
+    assert len({x.pairs_uri for x in found.values()}) == 3
+    text = "\n".join(sampler_lines(cfg, found))
+    assert "one per seed (bootstrapped and pairs mined again per seed)" in text
+    assert "3 plain run(s) of 30 optimizer steps, 90 in all, outside the arms' budget" in text
+    assert "pairs (seed 8): 5 for 5 of 5 anchors" in text
+
+
+def test_one_sampler_serves_every_seed_by_default_and_a_given_one_is_not_capped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from sepp_ray.flow.pipeline import sampler_lines, samplers
+
+    calls = _fake_stages(monkeypatch)
+    cfg = load(PipelineConfig, None, ["seeds=2", "mining.m=9"])
+    found = samplers(None, cfg, "data", "fp", 30)  # type: ignore[arg-type]
+    assert calls == [("bootstrap", 0), ("pairs", ("ckpt-seed0", 0, 9))]  # an explicit m wins
+    assert found[0] is found[1]
+    text = "\n".join(sampler_lines(cfg, found))
+    assert "one for every seed, mined once: the spread over seeds leaves the sampler's out" in text
+    assert "1 plain run(s) of 30 optimizer steps, 30 in all" in text
+    calls.clear()
+    given = load(
+        PipelineConfig, None, ["seeds=2", "sampler_checkpoint=ck", "sampler_per_seed=true"]
+    )
+    found = samplers(None, given, "data", "fp", 30)  # type: ignore[arg-type]
+    assert calls == [("pairs-seed0", ("ck", 0, None)), ("pairs-seed1", ("ck", 1, None))]
+    assert "bootstrap: none" in "\n".join(sampler_lines(given, found))
+    assert samplers(None, load(PipelineConfig, None, ["arms=[plain]"]), "d", "f", 1) == {}  # type: ignore[arg-type]

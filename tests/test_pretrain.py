@@ -6,11 +6,14 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from ray.train import Result
 
 from sepp_ray.data.ingest import ingest
 from sepp_ray.data.sources import SourceOptions, open_source
@@ -47,6 +50,10 @@ def data(tmp_path_factory: pytest.TempPathFactory, ray_cluster: str) -> tuple[st
 
 
 def _cfg(images: str, out: Path, **kw: object) -> PretrainConfig:
+    return PretrainConfig(**_settings(images, out, **kw))  # type: ignore[arg-type]
+
+
+def _settings(images: str, out: Path, **kw: object) -> dict[str, object]:
     base: dict[str, object] = dict(
         dataset=images,
         out=str(out),
@@ -62,7 +69,7 @@ def _cfg(images: str, out: Path, **kw: object) -> PretrainConfig:
         cpus_per_worker=0.5,
     )
     base.update(kw)
-    return PretrainConfig(**base)  # type: ignore[arg-type]
+    return base
 
 
 def test_two_worker_ddp_with_semantic_pairs(data: tuple[str, str], tmp_path: Path) -> None:
@@ -70,10 +77,27 @@ def test_two_worker_ddp_with_semantic_pairs(data: tuple[str, str], tmp_path: Pat
     out = tmp_path / "run"
     m = pretrain(_cfg(images, out, workers=2, pairs=PairsConfig(pairs=pairs, mode="both")))
     assert m["items"]["semantic"] == 24 and m["multi_positive"] is True
+    # 150 images of 16 px fit in memory: chosen by size, said in the manifest
+    assert m["data_plane"]["mode"] == "resident" and m["decode"] == "resident"
     assert m["workers"] == 2 and m["epochs"] == 2
     assert [h["epoch"] for h in m["history"]] == [1, 2]
+    assert [h["step"] for h in m["history"]] == [m["steps_per_epoch"], 2 * m["steps_per_epoch"]]
+    # the schedule follows the plain run's epoch (the split's images), not this arm's items
+    sched = m["schedule"]
+    assert sched["reference_steps_per_epoch"] == sched["reference_images"] // 32
+    assert sched["warmup_steps"] == sched["reference_steps_per_epoch"]  # warmup_epochs=1
     assert all(0.0 <= h["knn_top1"] <= 1.0 for h in m["history"])
     assert [e for e, _ in list_checkpoints(str(out))] == [1, 2]
+    # Ray Train lists the run's checkpoints, each with its report's kNN monitor result; the
+    # manifest's best checkpoint is the one with the best, its final one Ray's newest
+    ray_run = Result.from_path(str(out / "checkpoints"))
+    listed = {Path(c.path).name: r for c, r in ray_run.best_checkpoints}
+    assert sorted(listed) == ["epoch-00001", "epoch-00002"]
+    for h in m["history"]:
+        assert listed[f"epoch-{h['epoch']:05d}"]["knn_top1"] == h["knn_top1"]
+    best = max(listed, key=lambda name: listed[name]["knn_top1"])
+    assert m["best_checkpoint"] == str(out / "checkpoints" / best)
+    assert m["final_checkpoint"] == str(out / "checkpoints" / Path(ray_run.checkpoint.path).name)
     model, meta, _ = load_backbone(m["final_checkpoint"])
     assert meta.name == "test_resnet" and meta.image_size == 16
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
@@ -97,12 +121,14 @@ def test_a_crashed_run_resumes_from_its_last_checkpoint(
 ) -> None:
     images, _ = data
     out = tmp_path / "run"
-    first = pretrain(_cfg(images, out, epochs=1))
+    # the streaming plane, forced: its resume is the one that reads row groups again
+    first = pretrain(_cfg(images, out, epochs=1, data_plane="stream"))
+    assert first["data_plane"]["mode"] == "stream" and first["decode"] == "full"
     # the driver dies after epoch 1: no manifest, the marker of an unfinished write
     loc = Location(str(out))
     loc.fs.rm(loc.join("manifest.json"))
     loc.write_bytes("_SEPP_WRITING", b"{}")
-    second = pretrain(_cfg(images, out, epochs=2))
+    second = pretrain(_cfg(images, out, epochs=2, data_plane="stream"))
     assert second["resumed_from_epoch"] == 1 and second["loop_starts_at_epoch"] == [0, 1]
     assert second["history"][0] == first["history"][0]  # epoch 1 was not trained again
     assert [h["epoch"] for h in second["history"]] == [1, 2]
@@ -158,6 +184,55 @@ def test_a_killed_worker_resumes_from_the_checkpoint(data: tuple[str, str], tmp_
     assert len(m["loop_starts_at_epoch"]) == 2 and m["loop_starts_at_epoch"][0] == 0
     assert m["loop_starts_at_epoch"][1] >= 1
     assert read_manifest(str(out))["final_checkpoint"].endswith("epoch-00004")
+
+
+KILLED_DRIVER = """
+import json, os, signal, sys, time
+from ray.train import UserCallback
+from sepp_ray.train.driver import PretrainConfig, pretrain
+
+class KillDriverAtFirstCheckpoint(UserCallback):
+    # runs in the run's controller, once Ray has recorded the report's checkpoint
+    def __init__(self, pid):
+        self.pid = pid
+
+    def after_report(self, run_context, metrics, checkpoint):
+        if checkpoint is not None:
+            os.kill(self.pid, signal.SIGKILL)
+            time.sleep(600)  # the run goes no further: it ends with its driver's job
+
+cfg = PretrainConfig(**json.loads(sys.argv[1]))
+pretrain(cfg, callbacks=[KillDriverAtFirstCheckpoint(os.getpid())])
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_driver_s_run_is_restored_through_ray(
+    data: tuple[str, str], tmp_path: Path, ray_cluster: str
+) -> None:
+    images, _ = data
+    out = tmp_path / "run"
+    settings = _settings(images, out, epochs=3, keep_checkpoints=0)  # Ray keeps them all
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster}
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLED_DRIVER, json.dumps(settings)],
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:].decode(errors="replace")
+    assert not (out / "manifest.json").exists()
+    assert Path(Result.from_path(str(out / "checkpoints")).checkpoint.path).name == "epoch-00001"
+    # the same command again: Ray Train restores the run from its snapshot and hands the
+    # workers the checkpoint of epoch 1, so the loop starts at epoch 1, not 0
+    m = pretrain(PretrainConfig(**settings))  # type: ignore[arg-type]
+    assert m["resumed_from_epoch"] == 1 and m["loop_starts_at_epoch"] == [0, 1]
+    assert [h["epoch"] for h in m["history"]] == [1, 2, 3]
+    restored = Result.from_path(str(out / "checkpoints"))
+    assert Path(restored.checkpoint.path).name == "epoch-00003"
+    # one record across both drivers: the checkpoint the first one reported is listed too
+    listed = sorted(Path(c.path).name for c, _ in restored.best_checkpoints)
+    assert listed == ["epoch-00001", "epoch-00002", "epoch-00003"]
 
 
 @pytest.mark.parametrize(

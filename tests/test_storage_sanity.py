@@ -15,7 +15,12 @@ from pathlib import Path
 import pytest
 
 from sepp_ray.errors import SeppError
-from sepp_ray.shared_storage import SHARED_ENV, check_shared_storage, is_shared
+from sepp_ray.shared_storage import (
+    SHARED_ENV,
+    check_shared_storage,
+    configured_max_nodes,
+    is_shared,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,6 +54,41 @@ def test_a_declared_shared_mount_passes(monkeypatch: pytest.MonkeyPatch) -> None
         check_shared_storage({"out": "/home/me/runs"}, nodes=2)
 
 
+def test_the_autoscalers_maximum_is_read_from_the_cluster_config(tmp_path: Path) -> None:
+    cfg = tmp_path / "ray_bootstrap_config.yaml"
+    assert configured_max_nodes(str(cfg)) is None  # no config: a cluster started by hand
+    cfg.write_text("cluster_name: x\nmax_workers: 4\n")
+    assert configured_max_nodes(str(cfg)) == 5  # the workers and the head
+    types = "available_node_types:\n  head: {max_workers: 0}\n  gpu: {max_workers: 2}\n"
+    cfg.write_text("max_workers: 4\n" + types)
+    assert configured_max_nodes(str(cfg)) == 3  # the node types allow fewer
+    cfg.write_text(types.replace("{max_workers: 2}", "{min_workers: 1}"))
+    assert configured_max_nodes(str(cfg)) == 3  # no bound named: Ray's default max_workers, 2
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_an_autoscaling_cluster_with_its_head_alone_refuses_a_local_ingest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One node alive, but the cluster config on the head lets the autoscaler add three."""
+    from sepp_ray.data.ingest import ingest
+    from sepp_ray.data.sources import SourceOptions, open_source
+
+    monkeypatch.delenv(SHARED_ENV, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "ray_bootstrap_config.yaml").write_text("max_workers: 3\n")
+    source = open_source("synthetic", options=SourceOptions(n=8, size=8, chunk_size=8))
+    with pytest.raises(SeppError) as err:
+        ingest(source, str(tmp_path / "out"))
+    msg = str(err.value)
+    assert "a local path on a Ray cluster of 4 nodes (at most, by the autoscaler's" in msg
+    assert "1 alive now" in msg and "s3://" in msg and SHARED_ENV in msg
+    assert not (tmp_path / "out").exists(), "refused before writing anything"
+    (tmp_path / "ray_bootstrap_config.yaml").write_text("max_workers: 0\n")
+    ingest(source, str(tmp_path / "out"))  # a cluster of the head alone takes a local path
+    assert (tmp_path / "out" / "manifest.json").exists()
+
+
 @pytest.mark.slow  # a simulated cluster; the check itself is tested above
 @pytest.mark.usefixtures("ray_cluster")
 def test_a_two_node_cluster_refuses_a_local_path(tmp_path: Path) -> None:
@@ -70,8 +110,10 @@ def test_a_two_node_cluster_refuses_a_local_path(tmp_path: Path) -> None:
     assert seen["nodes"] == 2
     assert "a local path on a Ray cluster of 2 nodes" in seen["mine"]
     assert seen["mine"].startswith(f"embeddings={emb}")
+    assert seen["ingest"].startswith(f"out={tmp_path / 'img'}: a local path on a Ray cluster")
     assert seen["declared"] == "ok", "a mount declared shared is accepted"
     assert not (tmp_path / "out").exists(), "refused before writing anything"
+    assert not (tmp_path / "img").exists(), "refused before writing anything"
 
 
 def main(emb: str, out: str) -> None:
@@ -94,6 +136,17 @@ def main(emb: str, out: str) -> None:
         seen["mine"] = "accepted"
     except SeppError as e:
         seen["mine"] = str(e)
+    from sepp_ray.data.ingest import ingest
+    from sepp_ray.data.sources import SourceOptions, open_source
+
+    try:
+        ingest(
+            open_source("synthetic", options=SourceOptions(n=8, size=8)),
+            str(Path(out).parent / "img"),
+        )
+        seen["ingest"] = "accepted"
+    except SeppError as e:
+        seen["ingest"] = str(e)
     os.environ[SHARED_ENV] = str(Path(emb).parent)
     check_shared_storage({"embeddings": emb, "out": out})
     seen["declared"] = "ok"

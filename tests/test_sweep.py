@@ -72,12 +72,15 @@ def tiny(tmp_path_factory: pytest.TempPathFactory, ray_cluster: str) -> tuple[Pa
     torch.manual_seed(0)
     model, dim = create_backbone("test_resnet", cifar_stem=True)
     save_backbone(str(base / "sampler"), model, BackboneMeta("test_resnet", True, dim, 16))
-    # metric=lr makes ASHA's choice predictable: the trial with the lower learning rate ranks
-    # below the first one at the grace period and is stopped there
+    # K changes the pair items and so the epoch's length: of 100 train images at batch 20, 4
+    # pairs keep the plain run's 5-step epoch, 20 pairs make it 6 steps. Both trials report at
+    # the plain run's steps; metric=epoch (data epochs done at a report) makes ASHA's choice
+    # predictable: at the grace period the longer-epoch trial has done fewer epochs and stops.
     # no final evaluation here (the slow test has one): the monitor's last kNN is the accuracy
     extra = (
-        "space.base_lr=[0.3,0.1]",
-        "metric=lr",
+        "space.k=[4,20]",
+        "metric=epoch",
+        "pretrain.batch_size=20",
         f"sampler_checkpoint={base / 'sampler'}",
         "protocols=[]",
     )
@@ -89,38 +92,45 @@ def test_a_tiny_asha_sweep_ranks_stops_caches_and_reports(
 ) -> None:
     out, r = tiny
     rows = r["rows"]
-    assert [row["base_lr"] for row in rows] == [0.3, 0.1]
+    assert [row["k"] for row in rows] == [4, 20]
+    m = read_manifest(str(out))
+    spe = m["budget_steps"] // 2  # the plain run's epoch: every trial's report interval
+    assert m["scheduler"]["report_every_steps"] == spe == 5
+    runs = [read_manifest(row["out"]) if row["status"] == "done" else None for row in rows]
+    # the trials' epochs differ in length, yet ASHA saw both at the same optimizer steps
+    lengths = [(r or {}).get("steps_per_epoch") for r in runs]
+    assert lengths[0] == spe and rows[1]["total_steps"] == m["budget_steps"]
+    assert [h["step"] for h in rows[0]["history"]] == [spe, 2 * spe]
+    assert [h["step"] for h in rows[1]["history"]] == [spe]
+    assert rows[1]["history"][0]["epoch"] == pytest.approx(spe / 6, abs=1e-3)  # 6-step epochs
     # ASHA's rule replayed on what Tune saw (trials ran one at a time, in this order): a trial
     # stops at the grace period when its metric is below the median of the earlier trials'
     seen: list[float] = []
     for row in rows:
-        at_grace = next(h["lr"] for h in row["history"] if h["epoch"] == 1)
+        at_grace = next(h["epoch"] for h in row["history"] if h["step"] == spe)
         stop = bool(seen) and at_grace < float(np.percentile(seen, 50))
-        assert row["stopped_early"] is stop and row["epochs_run"] == (1 if stop else 2)
+        assert row["stopped_early"] is stop and row["steps_run"] == (spe if stop else 2 * spe)
         seen.append(at_grace)
     assert [row["status"] for row in rows] == ["done", "stopped"]
-    # the finished trial wrote its manifest; the stopped one kept the checkpoint ASHA judged
-    assert read_manifest(rows[0]["out"])["epochs"] == 2
-    assert rows[1]["checkpoint"].endswith("epoch-00001")
+    # the finished trial wrote its manifest; the stopped one was judged inside its first
+    # epoch, before any checkpoint of it
+    assert runs[0] is not None and runs[0]["epochs"] == 2
+    assert rows[1]["epochs_run"] == 0 and rows[1]["checkpoint"] is None
     # the stopped trial's run was aborted, not abandoned: its workers' CPUs are free again
     assert _free_cpus(2.0) == 2.0
-    # ASHA's clock is optimizer steps and every trial's budget is the plain run's
-    m = read_manifest(str(out))
-    spe = m["budget_steps"] // 2
-    assert [h["step"] for h in rows[0]["history"]] == [spe, 2 * spe]
     # (metric=lr here reads no split; a kNN metric reads val: the monitor test below)
     assert m["scheduler"]["time_attr"] == "step" and m["scheduler"]["split"] is None
     assert read_manifest(rows[0]["out"])["total_steps"] == m["budget_steps"]
-    # both trials share one sampler config: mined once
+    # one mining per sampler config (K differs)
     assert (
-        len(glob.glob(str(out / "pairs-*"))) == 1 and rows[0]["pairs_uri"] == rows[1]["pairs_uri"]
+        len(glob.glob(str(out / "pairs-*"))) == 2 and rows[0]["pairs_uri"] != rows[1]["pairs_uri"]
     )
-    assert rows[0]["pairs"] == 20 and 0.0 <= rows[0]["precision"] <= 1.0
+    assert [row["pairs"] for row in rows] == [4, 20] and 0.0 <= rows[1]["precision"] <= 1.0
     for row in rows:
         assert row["eval"] == {} and row["top1"] == row["history"][-1]["knn_top1"]
     summary = (out / "summary.md").read_text()
     assert all(f"| {row['trial']} |" in summary for row in rows)
-    assert "read lr on the 'train' split" in summary  # lr is a training metric, not val
+    assert "read epoch on the 'train' split" in summary  # not a val metric
     assert "1 stopped early by ASHA" in summary
     for png in ("acc_vs_threshold.png", "acc_vs_k.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -190,12 +200,15 @@ def test_a_driver_killed_mid_sweep_on_object_storage_is_restored_and_completes(
     # the same Tune experiment went on: the trials known before the kill kept their ids
     assert before and before <= {row["trial"] for row in rows}
     assert sorted(row["lo"] for row in rows) == [-1.0, 0.5]
-    # every trial reached a checkpoint at its last reported epoch, which ASHA judged
+    # every trial's newest checkpoint by its last report, which ASHA judged (none for a trial
+    # stopped inside its first epoch)
     for row in rows:
         assert row["status"] in ("done", "stopped")
+        if row["epochs_run"] == 0:
+            assert row["checkpoint"] is None and row["eval"] == {}
+            continue
         assert row["checkpoint"].endswith(f"epoch-{row['epochs_run']:05d}")
-    # one evaluation of every trial's checkpoint, in one table
-    for row in rows:
+        # one evaluation of every trial's checkpoint, in one table
         assert 0.0 <= row["eval"]["kNN top-1"] <= 1.0
         assert row["test_top1"] == row["eval"]["kNN top-1"]
     assert len(found("pairs-*")) == 2

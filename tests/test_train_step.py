@@ -73,6 +73,9 @@ def batch(n: int = N, seed: int = 0, pair: bool = False) -> dict[str, Tensor]:
         "image2": images(n, seed + 100) if pair else img.clone(),
         "id": torch.arange(n, dtype=torch.long),
         "pos_ids": pos,
+        # image ids behind the views: a pair item's view 2 is another image
+        "view_ids": torch.stack([torch.arange(n), torch.arange(n) + (1000 if pair else 0)], 1),
+        "group": torch.full((n,), -1, dtype=torch.long),
     }
 
 

@@ -11,7 +11,7 @@ on the copy to the device), and whether the defaults come within 5% of the best 
     python -m benchmarks.gpu_check.feed --dataset /path/to/ingested --batch 64 --step-ms 20
     python -m benchmarks.gpu_check.feed --cifar ../shared/data/cifar10-jpeg.tar.gz --images 10000
 
-The GPU check runs it as its ``feed`` part (`benchmarks.gpu_check.parts.feed`).
+The GPU check runs it as its ``feed`` part (`feed_part`).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.gpu_check.common import PartContext
 from sepp_ray.train.dataplane import DataPlan
 from sepp_ray.train.feed import FeedConfig
 from sepp_ray.train.worker import _on_device
@@ -40,7 +41,7 @@ Batch = dict[str, Any]
 class Setting:
     """One point of the grid."""
 
-    read_ahead: int
+    read_ahead: int | None  # None: FeedConfig's automatic choice (the node's spare CPUs)
     prefetch_batches: int
     pinned: bool
 
@@ -50,7 +51,8 @@ class Setting:
 
     def label(self) -> str:
         pin = "pinned" if self.pinned else "pageable"
-        return f"read_ahead {self.read_ahead}, prefetch {self.prefetch_batches}, {pin}"
+        ahead = "auto" if self.read_ahead is None else self.read_ahead
+        return f"read_ahead {ahead}, prefetch {self.prefetch_batches}, {pin}"
 
 
 def defaults(cuda: bool) -> Setting:
@@ -66,10 +68,13 @@ def pin_ahead() -> int:
 
 def grid(tiny: bool, cuda: bool) -> list[Setting]:
     """read_ahead {2, 8, 16} x prefetch {1, 2, 4} x pinned {on, off} (off only without CUDA);
-    tiny: {2, 8} x {1, 2}, the defaults included."""
+    tiny: {2, 8} x {1, 2}; the defaults' values added where they are not among them."""
     ahead, prefetch = ((2, 8), (1, 2)) if tiny else ((2, 8, 16), (1, 2, 4))
+    d = defaults(cuda)
+    ahead_all = tuple(dict.fromkeys((*ahead, d.read_ahead)))
+    prefetch = tuple(dict.fromkeys((*prefetch, d.prefetch_batches)))
     pins = (True, False) if cuda else (False,)
-    return [Setting(a, p, q) for a, p, q in itertools.product(ahead, prefetch, pins)]
+    return [Setting(a, p, q) for a, p, q in itertools.product(ahead_all, prefetch, pins)]
 
 
 def open_plan(uri: str, batch: int, seed: int = 0) -> DataPlan:
@@ -143,7 +148,7 @@ def run_grid(
 ) -> list[dict]:  # fmt: skip
     """Every setting ``repeats`` times (forward, then reversed order, so drift cancels), after an
     untimed warm-up that starts the Ray read workers; the mean per setting."""
-    warm = Setting(max(x.read_ahead for x in settings), 1, False)
+    warm = Setting(max(x.read_ahead or 0 for x in settings) or None, 1, False)
     measure(data, warm, device, 1, 0.0)
     runs: dict[Setting, list[dict]] = {s: [] for s in settings}
     for r in range(repeats):
@@ -180,6 +185,31 @@ def table(rows: list[dict], step_ms: float) -> str:
             f"{r['batches_per_s']} | {r['images_per_s']} | {100 * r['wait_fraction']:.0f}% |"
         )
     return "\n".join(lines) + "\n"
+
+
+def feed_part(ctx: PartContext) -> None:
+    """The GPU check's ``feed`` part: the grid on a synthetic dataset, a simulated step of 512
+    pairs at the Ray Train target (24,000 pairs/s), the rate the feed must keep up with."""
+    from benchmarks.gpu_check.common import sizes, synthetic_dataset
+    from sepp_ray.ray_utils import init_ray
+
+    s, device = sizes(ctx.tiny), ctx.device
+    init_ray()
+    root = tempfile.mkdtemp(prefix="sepp-gpu-check-")
+    data = open_plan(synthetic_dataset(s["n_images"], s["size"], root), s["batch"])
+    step_ms = 10.0 if ctx.tiny else round(1000 * s["batch"] / 24000, 1)
+    cuda = device.type == "cuda"
+    rows = run_grid(data, grid(ctx.tiny, cuda), device, 2, step_ms / 1000, 1)
+    v = verdict(rows, defaults(cuda))
+    (ctx.out / "feed.md").write_text(table(rows, step_ms))
+    what = f"feed: simulated step (host sleep after the batch is on {device.type}), pin_ahead "
+    ctx.add(what + str(pin_ahead()), step_ms, "ms")
+    for r in rows:
+        label = Setting.of(r).label()
+        ctx.add(f"feed {label}: batches/s", r["batches_per_s"], "batches/s")
+        ctx.add(f"feed {label}: waited", r["wait_fraction"], "of time")
+    ctx.add("feed best setting", v["best"])
+    ctx.add(f"feed defaults ({v['defaults']}) / best", v["ratio"], "x", ">= 0.95", v["ok"])
 
 
 def _cifar_dataset(tar: str, n: int, root: Path) -> str:

@@ -20,11 +20,10 @@ class CurateConfig:
     )
     port: int = opt(8765, "port to serve the page on (0: any free port)")
     host: str = opt(
-        "127.0.0.1", "address to listen on; any non-loopback address needs `token` as well"
-    )
-    token: str | None = opt(
-        None,
-        "a secret the page must present (default: $SEPP_CURATE_TOKEN); required off loopback",
+        "127.0.0.1",
+        "address to listen on. On every address the page asks for a token: a random one, or "
+        "$SEPP_CURATE_TOKEN (an environment variable, never a command-line argument, which "
+        "`ps` shows); open the URL printed, which carries it once",
     )
     dataset: str | None = opt(None, "the image dataset (default: the one the pairs name)")
     decisions: str | None = opt(None, "where the decision log lives (default: PAIRS/curation)")
@@ -32,18 +31,17 @@ class CurateConfig:
         None, "where the page's Export button writes (default: DECISIONS/curated.parquet)"
     )
     user: str | None = opt(None, "who decides, recorded with each decision (default: login)")
+    cache_mb: int = opt(512, "memory for images read ahead and kept (MiB)")
 
 
 def run_curate(c: CurateConfig) -> int:
-    from sepp_ray.curate.server import check_bind, serve
+    from sepp_ray.curate.server import serve, token_from_env
     from sepp_ray.curate.session import Curation
 
     if not c.pairs:
         raise SeppError("curate needs PAIRS, the output of `sepp mine` (see `sepp curate --help`)")
-    token = c.token or os.environ.get("SEPP_CURATE_TOKEN") or None
-    if c.export is None:
-        check_bind(c.host, token)  # before the (slow) loading of the pairs
-    cur = Curation(c.pairs, c.dataset, c.decisions, c.out, c.user)
+    token = token_from_env(dict(os.environ)) if c.export is None else ""
+    cur = Curation(c.pairs, c.dataset, c.decisions, c.out, c.user, cache_mb=c.cache_mb)
     if c.export is not None:
         m = cur.export(c.export)
         counts = m["counts"]

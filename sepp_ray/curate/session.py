@@ -39,6 +39,7 @@ class Curation:
         decisions_uri: str | None = None,
         export_uri: str | None = None,
         user: str | None = None,
+        cache_mb: int = 512,
     ) -> None:
         self.pairs_uri = absolute(pairs_uri)
         manifest = read_manifest(self.pairs_uri)
@@ -52,7 +53,9 @@ class Curation:
         ids = np.concatenate([raw["anchor_id"].to_numpy(), raw["positive_id"].to_numpy()]).astype(
             np.int64
         )
-        self.images = ImageStore(self.dataset_uri, ids)
+        if cache_mb < 0:
+            raise SeppError(f"cache_mb must be >= 0, got {cache_mb}")
+        self.images = ImageStore(self.dataset_uri, ids, cache_bytes=cache_mb << 20)
         self.table = PairTable(
             raw,
             self.images.labels(raw["anchor_id"].to_numpy()),
@@ -90,6 +93,9 @@ class Curation:
             undo = len(self.state.stack)
         rows = self.table.matching(q, codes)
         start = q.page * q.per_page
+        self._read_ahead(
+            rows[start : start + q.per_page], rows[start + q.per_page : start + 2 * q.per_page]
+        )
         return {
             "total": int(len(rows)),
             "page": q.page,
@@ -100,6 +106,15 @@ class Curation:
             ),
             "progress": {**self.table.progress(codes), "can_undo": undo > 0},
         }
+
+    def _read_ahead(self, rows: np.ndarray, next_rows: np.ndarray) -> None:
+        """Start reading the images of this page's ``rows`` and of the next page's, so the
+        browser's requests find them read or on their way."""
+
+        def ids(r: np.ndarray) -> np.ndarray:  # anchor and positive, in page order
+            return np.stack([self.table.anchor[r], self.table.positive[r]], axis=1).ravel()
+
+        self.images.prefetch(ids(rows), ahead=ids(next_rows))
 
     def progress(self) -> dict[str, Any]:
         with self._lock:

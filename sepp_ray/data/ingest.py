@@ -264,6 +264,7 @@ def ingest(
     import ray
 
     from sepp_ray.ray_utils import init_ray
+    from sepp_ray.shared_storage import check_shared_storage
 
     options = options or ImageOptions()
     options.validate()
@@ -278,9 +279,11 @@ def ingest(
         raise SeppError(f"source {source.describe()} has nothing to read")
     fingerprint = source.fingerprint()
     out_uri = absolute(out_uri)
+    init_ray()
+    # the shards are written by actors on any node: refused before anything is written
+    check_shared_storage({"out": out_uri})
     loc = begin_write(out_uri, overwrite=overwrite)
     try:
-        init_ray()
         items = [{"index": i, "unit": pickle.dumps(u)} for i, u in enumerate(units)]
         n_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         blocks = min(len(items), 4 * n_cpus)

@@ -31,9 +31,9 @@ from sepp_ray.flow.stages import (
     eval_stage,
     mine_stage,
     prepare_data,
-    sampler_checkpoint,
     train_stage,
 )
+from sepp_ray.mining.mine import MineConfig
 from sepp_ray.storage import Location, absolute, filesystem
 from sepp_ray.train.budget import plain_steps
 from sepp_ray.train.items import PairsConfig
@@ -51,6 +51,12 @@ ARMS: dict[str, tuple[str, bool]] = {
 MINED = ("ap", "sp", "multi_positive", "cancel")  # the arms that need mined pairs
 USES = {"multi_positive": "attract", "cancel": "cancel"}  # pairs in the loss: not every method
 METRICS = (("kNN top-1", "knn"), ("linear top-1", "linear"))
+# A bootstrapped sampler is a short plain run: a weak encoder whose similarities crowd near 1,
+# so a window like [0.9, 0.99] accepts hundreds of positives per anchor (386 per anchor on a
+# 20-class ImageNet subset after 2 bootstrap epochs) and the pair items swamp the originals.
+# Its default cap is the positives per image the multi-positive loss keeps (pairs.max_positives),
+# which bounds the pair items at 4 x K: at the paper's K = 5% a fifth of the originals.
+BOOTSTRAP_MAX_POSITIVES = 4
 
 
 @dataclass
@@ -64,6 +70,17 @@ class PipelineConfig(FlowConfig):
     seeds: int = opt(3, "runs per arm, seeded pretrain.seed, +1, ...; arms share each seed")
     curated: str | None = opt(None, "the curated arm's Parquet table of pairs (image_a, image_b)")
     protocols: list[str] = opt(["knn", "linear"], "evaluation protocols")
+    sampler_per_seed: bool = opt(
+        False,
+        "bootstrap the sampler (with no sampler_checkpoint) and mine the pairs again for each "
+        "seed, anchors seeded per seed, so the spread over seeds includes the sampler's; false: "
+        "one sampler and one mining for all seeds",
+    )
+    bootstrap_max_positives: int | None = opt(
+        BOOTSTRAP_MAX_POSITIVES,
+        "a bootstrapped sampler's cap on positives per anchor (mining.m, when mining.m is "
+        "unset): a weak sampler accepts hundreds per anchor; null: no cap",
+    )
 
 
 def arm_pairs(arm: str, pairs_uri: str | None, curated: str | None) -> PairsConfig:
@@ -121,18 +138,14 @@ def run_pipeline(c: PipelineConfig) -> dict[str, Any]:
     def budget(epochs: int) -> int | None:  # the plain run's steps at these epochs
         return plain_steps(data, p.split, p.batch_size, epochs) if c.equal_compute else None
 
-    # 2-3. the sampler (given, or bootstrapped by a plain run) and the pairs it mines
-    pairs_uri, pairs = None, None
-    if any(a in MINED for a in c.arms):
-        boot = budget(c.bootstrap_epochs)
-        sampler = sampler_checkpoint(
-            st, c.sampler_checkpoint, p, data_uri, data_fp, c.bootstrap_epochs, boot
-        )
-        pairs_uri, pairs = mine_stage(st, data_uri, data_fp, sampler, c.mining, p.split)
+    # 2-3. the sampler (given, or bootstrapped by a plain run) and the pairs it mines: one for
+    # all seeds, or one per seed (sampler_per_seed)
+    found = samplers(st, c, data_uri, data_fp, budget(c.bootstrap_epochs))
     # 4. every arm at every seed, the same optimizer steps for all
     runs: list[dict[str, Any]] = []
     for i in range(c.seeds):
         seed = p.seed + i
+        pairs_uri = found[seed].pairs_uri if seed in found else None
         for arm in c.arms:
             pc = arm_pairs(arm, pairs_uri, c.curated)
             name, cfg = f"{arm}-seed{seed}", replace(p, seed=seed)
@@ -147,15 +160,97 @@ def run_pipeline(c: PipelineConfig) -> dict[str, Any]:
         raise SeppError("the pipeline needs at least one evaluation protocol")
     rows = [_row(r, heads.get(r["manifest"]["final_checkpoint"], {})) for r in runs]
     # 6. the report
-    report = write_pipeline_report(c, data_uri, pairs_uri, pairs, rows, eval_uri, st)
+    report = write_pipeline_report(c, data_uri, found, rows, eval_uri, st)
     say(f"[pipeline] report: {report}")
     return {
         "report": report,
         "timings": st.timings,
         "reused": st.reused,
         "runs": rows,
+        "samplers": [x.to_dict() for x in found.values()],
         "summary": summarize(rows, c.arms),
     }
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """The sampler one seed's arms use and the pairs it mined. bootstrap_steps: the optimizer
+    steps of the plain run that became the sampler (0: a given checkpoint), outside the arms'
+    budget."""
+
+    seed: int
+    checkpoint: str
+    bootstrap_steps: int
+    pairs_uri: str
+    pairs: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        keys = ("num_pairs", "anchors_with_positive", "k", "m", "positives_per_anchor")
+        return {
+            "seed": self.seed,
+            "checkpoint": self.checkpoint,
+            "bootstrap_steps": self.bootstrap_steps,
+            "pairs_uri": self.pairs_uri,
+            **{k: self.pairs.get(k) for k in keys},
+        }
+
+
+def mining_config(c: PipelineConfig, index: int) -> MineConfig:
+    """The mining of the ``index``-th sampler: anchors seeded ``mining.seed + index`` (0 when
+    one sampler serves every seed); a bootstrapped sampler's positives per anchor capped at
+    ``bootstrap_max_positives`` unless ``mining.m`` is set."""
+    m = c.mining
+    if not c.sampler_checkpoint and m.m is None and c.bootstrap_max_positives:
+        m = replace(m, m=c.bootstrap_max_positives)
+    return replace(m, seed=m.seed + index)
+
+
+def samplers(
+    st: Stages, c: PipelineConfig, data_uri: str, data_fp: Any, boot_budget: int | None
+) -> dict[int, Sampler]:
+    """Seed -> the sampler and pairs its arms train with: one shared by every seed, or with
+    ``sampler_per_seed`` one bootstrapped (unless given) and mined per seed, so the spread over
+    seeds includes the sampler's. Empty when no arm needs mined pairs."""
+    if not any(a in MINED for a in c.arms):
+        return {}
+    seeds = [c.pretrain.seed + i for i in range(c.seeds)]
+    if not c.sampler_per_seed:
+        one = _sampler(st, c, data_uri, data_fp, boot_budget, seeds[0], 0, "")
+        return dict.fromkeys(seeds, one)
+    return {
+        s: _sampler(st, c, data_uri, data_fp, boot_budget, s, i, f"-seed{s}")
+        for i, s in enumerate(seeds)
+    }
+
+
+def _sampler(
+    st: Stages,
+    c: PipelineConfig,
+    data_uri: str,
+    data_fp: Any,
+    boot_budget: int | None,
+    seed: int,
+    index: int,
+    tag: str,
+) -> Sampler:
+    """One sampler (given, or a plain run of ``bootstrap_epochs`` at ``seed``) and its pairs;
+    ``tag`` names its stages (a bootstrap as long as the plain run of that seed is that run)."""
+    p = replace(c.pretrain, seed=seed)
+    ckpt, steps = c.sampler_checkpoint, 0
+    if not ckpt:
+        _, boot = train_stage(
+            st,
+            f"bootstrap{tag}",
+            p,
+            data_uri,
+            data_fp,
+            c.bootstrap_epochs,
+            budget_steps=boot_budget,
+        )
+        ckpt, steps = str(boot["final_checkpoint"]), int(boot["total_steps"])
+    mining = mining_config(c, index)
+    uri, pairs = mine_stage(st, data_uri, data_fp, ckpt, mining, p.split, name=f"pairs{tag}")
+    return Sampler(seed, ckpt, steps, uri, pairs)
 
 
 def _row(run: dict[str, Any], head: dict[str, float]) -> dict[str, Any]:
@@ -170,6 +265,11 @@ def _row(run: dict[str, Any], head: dict[str, float]) -> dict[str, Any]:
         "total_steps": int(m.get("total_steps", spe * m["epochs"])),
         "epochs_run": m.get("epochs_run", m["epochs"]),
         "budget_steps": m.get("budget_steps"),
+        # pairs used over the run: pair items trained on, mined pairs in the loss
+        "pair_items_used": m.get("pair_items"),
+        "pairs_used": m.get("pairs_used"),
+        "same_image_negatives": m.get("same_image_negatives"),
+        "data_plane": (m.get("data_plane") or {}).get("mode"),
         "checkpoint": m["final_checkpoint"],
         **{key: head.get(name) for name, key in METRICS},
     }
@@ -213,6 +313,10 @@ def _pct(v: float | None) -> str:
     return "—" if v is None else f"{100 * v:.2f}"
 
 
+def _count(v: int | None) -> str:
+    return "—" if v is None else f"{v:,}"
+
+
 def _items(items: dict[str, int]) -> str:
     return ", ".join(f"{n} {kind}" for kind, n in items.items() if n) or "none"
 
@@ -220,8 +324,7 @@ def _items(items: dict[str, int]) -> str:
 def write_pipeline_report(
     c: PipelineConfig,
     data_uri: str,
-    pairs_uri: str | None,
-    pairs: dict[str, Any] | None,
+    found: dict[int, Sampler],
     rows: list[dict[str, Any]],
     eval_uri: str,
     st: Stages,
@@ -229,7 +332,8 @@ def write_pipeline_report(
     from sepp_ray.mining.pairs_report import write_report
 
     out = f"{st.work}/report"
-    pictures = write_report(pairs_uri, out) if pairs_uri else []
+    first = next(iter(found.values()), None)
+    pictures = write_report(first.pairs_uri, out) if first else []
     table = Location(eval_uri).read_bytes("metrics.md").decode()
     summary = summarize(rows, c.arms)
     p = c.pretrain
@@ -249,14 +353,7 @@ def write_pipeline_report(
             else "equal epochs (equal_compute=false: arms with more items take more steps)"
         ),
     ]
-    if pairs:
-        prec = (pairs.get("precision") or {}).get("overall")
-        lines += [
-            f"- sampler: `{pairs['encoder']['identity']}`",
-            f"- pairs: {pairs['num_pairs']} for {pairs['anchors_with_positive']} of "
-            f"{pairs['k']} anchors in [{pairs['lo']}, {pairs['hi']}]"
-            + (f", pair precision {prec:.3f}" if prec is not None else ""),
-        ]
+    lines += sampler_lines(c, found)
     lines += [
         "",
         "## Accuracy per arm on the test split (%, mean ± std over seeds)",
@@ -277,12 +374,18 @@ def write_pipeline_report(
         "",
         "## Runs",
         "",
-        "| arm | seed | items | steps/epoch | epochs | optimizer steps | kNN top-1 "
-        "| linear top-1 |",
-        "|---|---|---|---|---|---|---|---|",
+        "Pair items used: pair items trained on over the run (all ranks); mined pairs in "
+        "the loss: anchor-positive links attracted or cancelled (multi-positive, cancel); "
+        "same-image negatives: views of one image left among each other's negatives (0).",
+        "",
+        "| arm | seed | items | steps/epoch | epochs | optimizer steps | pair items used "
+        "| mined pairs in the loss | same-image negatives | kNN top-1 | linear top-1 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
         *[
             f"| {r['arm']} | {r['seed']} | {_items(r['items'])} | {r['steps_per_epoch']} | "
-            f"{r['epochs_run']} | {r['total_steps']} | {_pct(r['knn'])} | {_pct(r['linear'])} |"
+            f"{r['epochs_run']} | {r['total_steps']} | {_count(r['pair_items_used'])} | "
+            f"{_count(r['pairs_used'])} | {_count(r['same_image_negatives'])} | "
+            f"{_pct(r['knn'])} | {_pct(r['linear'])} |"
             for r in rows
         ],
         "",
@@ -304,8 +407,43 @@ def write_pipeline_report(
     with fs.open(f"{path}/README.md", "wb") as f:
         f.write("\n".join(lines).encode())
     with fs.open(f"{path}/results.json", "wb") as f:
-        f.write(json.dumps({"runs": rows, "summary": summary}, indent=2).encode())
+        body = {"runs": rows, "summary": summary, "samplers": [x.to_dict() for x in found.values()]}
+        f.write(json.dumps(body, indent=2).encode())
     return f"{out}/README.md"
+
+
+def sampler_lines(c: PipelineConfig, found: dict[int, Sampler]) -> list[str]:
+    """The report's account of the samplers: shared or per seed (what the spread over seeds
+    includes), the bootstrap's optimizer steps (outside the arms' budget) and each mining."""
+    distinct = list({x.pairs_uri: x for x in found.values()}.values())
+    if not distinct:
+        return []
+    if c.sampler_per_seed:
+        made = "given; pairs" if c.sampler_checkpoint else "bootstrapped and pairs"
+        how = f"one per seed ({made} mined again per seed): the spread over seeds includes it"
+    else:
+        how = "one for every seed, mined once: the spread over seeds leaves the sampler's out"
+    steps = [x.bootstrap_steps for x in distinct]
+    lines = [
+        f"- sampler: {how}",
+        f"- bootstrap: {len(steps)} plain run(s) of {steps[0]} optimizer steps, {sum(steps)} in "
+        "all, outside the arms' budget (one as long as a plain arm is that arm's run)"
+        if sum(steps)
+        else "- bootstrap: none (sampler_checkpoint given; its training is not counted here)",
+    ]
+    for x in distinct:
+        m = x.pairs
+        prec = (m.get("precision") or {}).get("overall")
+        per = m.get("positives_per_anchor") or {}
+        seed = f" (seed {x.seed})" if len(distinct) > 1 else ""
+        lines.append(
+            f"- pairs{seed}: {m['num_pairs']} for {m['anchors_with_positive']} of {m['k']} "
+            f"anchors in [{m['lo']}, {m['hi']}], at most {m.get('m') or 'all'} per anchor "
+            f"(mean {per.get('mean')}, max {per.get('max')}); sampler "
+            f"`{m['encoder']['identity']}`"
+            + (f"; pair precision {prec:.3f}" if prec is not None else "")
+        )
+    return lines
 
 
 def run_pipeline_command(c: PipelineConfig) -> int:

@@ -197,14 +197,16 @@ def mine_stage(
     sampler: str,
     mining: MineConfig,
     split: str,
+    name: str = "pairs",
 ) -> tuple[str, dict[str, Any]]:
     """Pairs mined with ``sampler`` as a stage: one folder per (data, sampler, mining config).
-    ``input_uri``: the images (embedded inside the stage) or the sampler's embeddings."""
+    ``input_uri``: the images (embedded inside the stage) or the sampler's embeddings;
+    ``name``: the stage's name in the timings (its folder is pairs-<hash> whatever the name)."""
     from sepp_ray.mining.command import mine_command
 
     sampler_sha = read_manifest(sampler).get("sha256")
     return st.run(
-        "pairs",
+        name,
         {"data": data_fp, "sampler": sampler_sha, "mining": asdict(mining)},
         lambda uri: mine_command(
             input_uri,
@@ -216,6 +218,7 @@ def mine_stage(
             overwrite=True,
             config=asdict(mining),
         ),
+        folder="pairs",
     )
 
 

@@ -2,7 +2,14 @@
 
 from sepp_ray.losses.barlow_twins import barlow_twins_loss
 from sepp_ray.losses.dino import DINOLoss
-from sepp_ray.losses.info_nce import info_nce_loss, positive_mask, self_mask
+from sepp_ray.losses.info_nce import (
+    info_nce_loss,
+    pair_counts,
+    positive_mask,
+    resolve_masks,
+    same_image_mask,
+    self_mask,
+)
 from sepp_ray.losses.negative_cosine import byol_loss, negative_cosine_similarity
 from sepp_ray.losses.vicreg import vicreg_loss
 
@@ -12,7 +19,10 @@ __all__ = [
     "byol_loss",
     "info_nce_loss",
     "negative_cosine_similarity",
+    "pair_counts",
     "positive_mask",
+    "resolve_masks",
+    "same_image_mask",
     "self_mask",
     "vicreg_loss",
 ]

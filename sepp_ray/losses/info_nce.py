@@ -6,7 +6,9 @@ Which keys are positives for a query is a boolean mask built from image ids (sol
 masks over the same loss. With one positive per anchor the loss is SimCLR's NT-Xent (arXiv
 2002.05709) or, with a queue as keys, MoCo's InfoNCE (arXiv 1911.05722). A third mask, also
 from ids, removes mined positives from the negatives instead of attracting them: false-negative
-cancellation (Huynh et al., WACV 2022, arXiv 2011.11765).
+cancellation (Huynh et al., WACV 2022, arXiv 2011.11765). A fourth, also from ids, says which
+keys are made of an image the query is made of (`same_image_mask`): those are never negatives,
+whatever the arm, so no image is pushed away from itself.
 """
 
 from __future__ import annotations
@@ -72,6 +74,89 @@ def self_mask(
     return mask
 
 
+def same_image_mask(query_images: Tensor, key_images: Tensor) -> Tensor:
+    """Bool N x M: query row i and key row j are made of at least one common image.
+
+    `query_images` N x A and `key_images` M x B hold the image ids each row is made of (an item's
+    two views: the anchor's and the positive's id for a pair item, the image's id twice for an
+    original); negative ids mean "none" and match nothing. Two items that share any image count
+    as one image for the negatives: a pair item (A, P) and the original of P are never negatives
+    of each other, or the pair's positive would be pushed away in the same step.
+    """
+    if query_images.dim() != 2 or key_images.dim() != 2:
+        raise ValueError(
+            f"query_images and key_images must be N x A and M x B, got "
+            f"{tuple(query_images.shape)} and {tuple(key_images.shape)}"
+        )
+    # "none" becomes -1 in the queries and -2 in the keys, so it never matches: one N x M
+    # comparison per (a, b), never an N x A x M x B tensor
+    q = query_images.to(key_images.device).clamp(min=-1)  # N x A
+    k = torch.where(key_images >= 0, key_images, -2)  # M x B
+    mask = torch.zeros(q.shape[0], k.shape[0], dtype=torch.bool, device=q.device)
+    for b in range(k.shape[1]):
+        for a in range(q.shape[1]):
+            mask |= q[:, a : a + 1] == k[None, :, b]  # N x M
+    return mask
+
+
+def resolve_masks(
+    pos_mask: Tensor,
+    valid_mask: Tensor | None = None,
+    cancel_mask: Tensor | None = None,
+    same_image: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """The (positives, softmax keys) that `info_nce_loss` uses, both N x M (keys None = all).
+
+    A positive outside `valid_mask` is no positive. Cancelled keys and keys sharing an image
+    with the query leave the softmax unless they are positives: "positives are data", so the
+    other view of the query's own item stays its positive. Applying it twice changes nothing,
+    so a caller may resolve once and pass the result on (and count pairs from it).
+    """
+    pos = pos_mask.to(dtype=torch.bool)  # N x M
+    valid = None if valid_mask is None else valid_mask.to(device=pos.device, dtype=torch.bool)
+    if valid is not None:
+        pos = pos & valid
+    removed = None
+    for mask in (cancel_mask, same_image):
+        if mask is not None:
+            m = mask.to(device=pos.device, dtype=torch.bool)
+            removed = m if removed is None else removed | m
+    if removed is not None:
+        keep = ~removed | pos  # N x M: a positive is never removed
+        valid = keep if valid is None else valid & keep
+    return pos, valid
+
+
+def pair_counts(
+    same_image: Tensor,
+    pos: Tensor,
+    valid: Tensor | None,
+    mined: Tensor | None = None,
+    candidates: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """What one InfoNCE call did with image identity and mined pairs: float 0-dim device
+    tensors (summed on the device, never read here: no host sync).
+
+    `pos`, `valid`: the masks the softmax used (`resolve_masks`). `same_image`: which keys
+    share an image with their query, from ids (`same_image_mask`). `same_image_negatives`:
+    such (query, key) pairs that are still negatives, i.e. in the softmax and not positives;
+    0 whenever the loss masked them, so the run metric proves the mask. `pairs_used`: mined
+    (query, key) pairs (`mined`, N x M) between different images among the `candidates` (the
+    keys the query may meet at all: not itself, not an empty queue slot; None = all), i.e.
+    the mined pairs attracted or cancelled in this call.
+    """
+    negatives = ~pos if valid is None else valid & ~pos  # N x M
+    out = {"same_image_negatives": torch.count_nonzero(same_image & negatives).float()}
+    if mined is None:
+        out["pairs_used"] = torch.zeros((), device=pos.device)
+        return out
+    used = mined & ~same_image  # N x M
+    if candidates is not None:
+        used &= candidates
+    out["pairs_used"] = torch.count_nonzero(used).float()
+    return out
+
+
 def info_nce_loss(
     query: Tensor,
     keys: Tensor,
@@ -79,6 +164,10 @@ def info_nce_loss(
     temperature: float,
     valid_mask: Tensor | None = None,
     cancel_mask: Tensor | None = None,
+    *,
+    same_image: Tensor | None = None,
+    aug_mask: Tensor | None = None,
+    aug_weight: float | None = None,
 ) -> Tensor:
     """Multi-positive InfoNCE, SupCon's L_out form (arXiv 2004.11362, eq. 2).
 
@@ -93,7 +182,15 @@ def info_nce_loss(
     removed from the softmax's denominator unless they are positives. This is the "false
     negative elimination" of Huynh et al. (WACV 2022, arXiv 2011.11765): a mined positive of
     the anchor stops being a negative without becoming an extra positive (their "attraction"
-    is `pos_mask`).
+    is `pos_mask`). `same_image` (N x M, `same_image_mask`): keys made of an image the query
+    is made of, removed from the denominator in the same way, in every arm.
+
+    `aug_weight` (None, or in [0, 1], with `aug_mask` N x M: the positives that are the query's
+    own augmentation pair): None gives every positive of an anchor the same weight, so with P
+    mined positives the augmentation pair is one term of 1 + P, as when each semantic pair is a
+    training pair of its own beside the augmentation pairs (SePP-ID's combined dataset, arXiv
+    2306.16122). A number w gives the augmentation pair(s) weight w and the other positives
+    1 - w together, whatever P; an anchor with only one kind gives that kind weight 1.
 
     Math runs in float32 (float64 stays float64) and outside autocast, with logsumexp, so
     bf16/fp16 inputs and small temperatures stay finite. Anchors without a positive are left
@@ -101,31 +198,18 @@ def info_nce_loss(
     `dist.checks_enabled()` (a host sync), else the loss is NaN (0 / 0), which the training
     step's non-finite guard reports.
     """
-    if query.dim() != 2 or keys.dim() != 2 or query.shape[1] != keys.shape[1]:
-        raise ValueError(
-            f"query must be N x D and keys M x D, got {tuple(query.shape)} and {tuple(keys.shape)}"
-        )
-    n, m = query.shape[0], keys.shape[0]
-    if pos_mask.shape != (n, m):
-        raise ValueError(f"pos_mask must be {n} x {m}, got {tuple(pos_mask.shape)}")
-    for name, mask in (("valid_mask", valid_mask), ("cancel_mask", cancel_mask)):
-        if mask is not None and mask.shape != (n, m):
-            raise ValueError(f"{name} must be {n} x {m}, got {tuple(mask.shape)}")
+    masks = {"pos_mask": pos_mask, "valid_mask": valid_mask, "cancel_mask": cancel_mask}
+    _check_args(query, keys, {**masks, "same_image": same_image, "aug_mask": aug_mask})
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if aug_weight is not None and not 0.0 <= aug_weight <= 1.0:
+        raise ValueError(f"aug_weight must be in [0, 1] or None, got {aug_weight}")
 
     dtype = torch.promote_types(torch.promote_types(query.dtype, keys.dtype), torch.float32)
     with torch.autocast(device_type=query.device.type, enabled=False):
         q = F.normalize(query.to(dtype), dim=1)  # N x D
         k = F.normalize(keys.to(dtype), dim=1)  # M x D
-        pos = pos_mask.to(device=q.device, dtype=torch.bool)  # N x M
-        valid = None if valid_mask is None else valid_mask.to(device=q.device, dtype=torch.bool)
-        if valid is not None:
-            pos = pos & valid
-        if cancel_mask is not None:
-            # cancelled keys leave the denominator; a positive is never cancelled
-            keep = ~cancel_mask.to(device=q.device, dtype=torch.bool) | pos  # N x M
-            valid = keep if valid is None else valid & keep
+        pos, valid = resolve_masks(pos_mask.to(q.device), valid_mask, cancel_mask, same_image)
         n_pos = pos.sum(dim=1)  # N
         has_pos = n_pos > 0  # N
         if dist.checks_enabled() and not bool(has_pos.any()):  # a host sync
@@ -142,7 +226,31 @@ def info_nce_loss(
             valid = valid | ~has_pos[:, None]
             logits = logits.masked_fill(~valid, float("-inf"))
         log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)  # N x M
-        # where(), not a product: log_prob is -inf on invalid keys and -inf * 0 is nan
-        pos_log_prob = torch.where(pos, log_prob, torch.zeros_like(log_prob)).sum(dim=1)  # N
-        per_anchor = pos_log_prob / n_pos.clamp(min=1)  # N, 0 where no positive
+        if aug_weight is None or aug_mask is None:
+            per_anchor = _mean_over(pos, log_prob)  # N, 0 where no positive
+        else:
+            aug = pos & aug_mask.to(device=pos.device, dtype=torch.bool)  # N x M
+            other = pos & ~aug
+            has_other = other.any(dim=1)  # N
+            w = torch.where(has_other, torch.where(aug.any(dim=1), aug_weight, 0.0), 1.0)  # N
+            per_anchor = w * _mean_over(aug, log_prob) + (1 - w) * _mean_over(other, log_prob)
         return -per_anchor.sum() / has_pos.sum()
+
+
+def _check_args(query: Tensor, keys: Tensor, masks: dict[str, Tensor | None]) -> None:
+    """ValueError unless query is N x D, keys M x D and every given mask N x M."""
+    if query.dim() != 2 or keys.dim() != 2 or query.shape[1] != keys.shape[1]:
+        raise ValueError(
+            f"query must be N x D and keys M x D, got {tuple(query.shape)} and {tuple(keys.shape)}"
+        )
+    n, m = query.shape[0], keys.shape[0]
+    for name, mask in masks.items():
+        if mask is not None and mask.shape != (n, m):
+            raise ValueError(f"{name} must be {n} x {m}, got {tuple(mask.shape)}")
+
+
+def _mean_over(mask: Tensor, log_prob: Tensor) -> Tensor:
+    """N: each row's mean of `log_prob` over `mask` (N x M), 0 for a row with none."""
+    # where(), not a product: log_prob is -inf on invalid keys and -inf * 0 is nan
+    total = torch.where(mask, log_prob, torch.zeros_like(log_prob)).sum(dim=1)  # N
+    return total / mask.sum(dim=1).clamp(min=1)

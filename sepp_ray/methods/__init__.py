@@ -18,6 +18,7 @@ from sepp_ray.methods import (  # noqa: F401  (importing registers each method)
     vicreg,
 )
 from sepp_ray.methods.base import METHODS, PAIR_USES, Method, check_pair_use
+from sepp_ray.methods.scale import DataScale, scale_hparams
 from sepp_ray.models.backbones import create_backbone
 
 
@@ -51,12 +52,17 @@ def make_hparams(name: str, **overrides: Any) -> Any:
         raise SeppError(f"bad hyperparameters for method {name!r}: {e}") from e
 
 
-def fit_hparams(name: str, overrides: dict[str, Any], n_items: int) -> dict[str, Any]:
+def fit_hparams(
+    name: str, overrides: dict[str, Any], n_items: int, scale: DataScale | None = None
+) -> dict[str, Any]:
     """`overrides` plus whatever method `name` changes to fit a dataset of `n_items` training
     items per epoch (MoCo's queue and NNCLR's support set never exceed it): what to pass to
-    `create_method`, and to record in a run's manifest."""
+    `create_method`, and to record in a run's manifest. Pass the plain run's items (the
+    split's images), so every arm of a comparison gets the same sizes. ``scale``: the data's
+    scale, whose recipe (`scale_hparams`) fills what ``overrides`` leaves unset."""
     hp = make_hparams(name, **overrides)
-    fitted = method_class(name).fit_hparams(hp, n_items)
+    recipe = scale_hparams(name, scale) if scale is not None else {}
+    fitted = method_class(name).fit_hparams(make_hparams(name, **{**recipe, **overrides}), n_items)
     changed = {
         f.name: getattr(fitted, f.name)
         for f in dataclasses.fields(fitted)

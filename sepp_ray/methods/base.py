@@ -46,27 +46,43 @@ class Inputs:
     epoch: int = 0
     labels: torch.Tensor | None = None
     cancel_ids: torch.Tensor | None = None
+    view_ids: torch.Tensor | None = None
+    groups: torch.Tensor | None = None
+
+
+# What every method's metrics hold besides its own: the pair counts of
+# `sepp_ray.losses.info_nce.pair_counts`, 0 for methods without negatives.
+PAIR_COUNTS = ("same_image_negatives", "pairs_used")
 
 
 class Method(nn.Module):
     """Base SSL method: a backbone plus whatever heads and targets the method needs.
 
-    `training_loss(views, ids, pos_ids, epoch, labels=..., cancel_ids=...)`:
+    `training_loss(views, ids, pos_ids, epoch, labels=..., cancel_ids=..., view_ids=...,
+    groups=...)`:
       - `views`: augmented batches, each N x C x H x W; views[0] and views[1] are two views of the
         same N images (DINO may pass more: extra local crops).
-      - `ids`: N int64 image ids. Positives are defined by ids, not by batch position, so mined
-        semantic pairs, curated pairs and labels all use one code path.
+      - `ids`: N int64 item ids (an original's is its image id; a pair item's is derived). An
+        item's two views are each other's positive. Positives are defined by ids, not by batch
+        position, so mined semantic pairs, curated pairs and labels all use one code path.
       - `pos_ids`: N x P int64 ids of semantic positives of each image, -1 padded, or None:
         attracted. Only methods with "attract" in `pair_uses` accept it.
       - `labels`: N int64 class labels, -1 = unlabeled, or None. Only `needs_labels` methods
         read them (and refuse None or all -1).
-      - `cancel_ids`: N x C int64 ids, -1 padded, or None: these images and the image itself
-        are removed from the negatives. Only methods with "cancel" in `pair_uses` accept it.
+      - `cancel_ids`: N x C int64 ids, -1 padded, or None: these images are removed from the
+        negatives. Only methods with "cancel" in `pair_uses` accept it.
+      - `view_ids`: N x 2 int64 image ids behind view 1 and view 2 (an original: its id twice;
+        a pair item: the anchor's and the positive's), or None = each item is its own image.
+        No key made of an image the query is made of is ever a negative (every arm).
+      - `groups`: N int64 group ids, -1 = none, or None; only with `pos_ids` or `cancel_ids`:
+        items of one group are used as those are (attracted or cancelled), so the positives
+        of one anchor are positives of each other.
     A method given a tensor it cannot honour raises SeppError: silently dropping mined pairs
     would make a SePP run equal its baseline.
 
     A subclass implements `loss` (and `step_metrics` for what it logs besides the loss);
-    `training_loss` checks the inputs once for all methods.
+    `training_loss` checks the inputs once for all methods. A contrastive `loss` also returns
+    its pair counts (`PAIR_COUNTS`); methods without negatives report 0 for them.
     """
 
     name: ClassVar[str] = ""
@@ -94,15 +110,21 @@ class Method(nn.Module):
         *,
         labels: torch.Tensor | None = None,
         cancel_ids: torch.Tensor | None = None,
+        view_ids: torch.Tensor | None = None,
+        groups: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, Metrics]:
         """Scalar loss to back-propagate and metrics to log: detached device tensors (never
         `.item()`, which would stall the device every step) or host floats."""
         self._check_inputs(views, ids, pos_ids, cancel_ids)
-        loss = self.loss(Inputs(views, ids, pos_ids, epoch, labels, cancel_ids))
-        return loss, {"loss": loss.detach(), **self.step_metrics(epoch)}
+        _check_identity(ids, view_ids, groups, pos_ids is not None or cancel_ids is not None)
+        out = self.loss(Inputs(views, ids, pos_ids, epoch, labels, cancel_ids, view_ids, groups))
+        loss, counts = out if isinstance(out, tuple) else (out, {})
+        zeros: Metrics = dict.fromkeys(PAIR_COUNTS, 0.0)
+        return loss, {"loss": loss.detach(), **zeros, **counts, **self.step_metrics(epoch)}
 
-    def loss(self, x: Inputs) -> torch.Tensor:
-        """The method's scalar loss on one step's (already checked) inputs."""
+    def loss(self, x: Inputs) -> torch.Tensor | tuple[torch.Tensor, Metrics]:
+        """The method's scalar loss on one step's (already checked) inputs, and for a
+        contrastive method its `PAIR_COUNTS` (device tensors)."""
         raise NotImplementedError
 
     def step_metrics(self, epoch: int) -> Metrics:
@@ -142,6 +164,27 @@ class Method(nn.Module):
             check_pair_use(type(self), use)
             if t.dim() != 2 or t.shape[0] != n:
                 raise ValueError(f"the {use} ids must be {n} x P, got {tuple(t.shape)}")
+
+
+def _check_identity(
+    ids: torch.Tensor, view_ids: torch.Tensor | None, groups: torch.Tensor | None, mined: bool
+) -> None:
+    """Shapes of the image ids and groups; groups only beside mined ids (they follow their use)."""
+    n = ids.shape[0]
+    if view_ids is not None and (view_ids.shape != (n, 2) or view_ids.dtype != torch.long):
+        raise ValueError(
+            f"view_ids must be {n} x 2 int64 image ids, got {tuple(view_ids.shape)} "
+            f"{view_ids.dtype}"
+        )
+    if groups is None:
+        return
+    if groups.shape != (n,) or groups.dtype != torch.long:
+        raise ValueError(f"groups must be {n} int64 ids, got {tuple(groups.shape)} {groups.dtype}")
+    if not mined:
+        raise SeppError(
+            "groups are used as the mined positives are (attracted or cancelled): pass them "
+            "with pos_ids or cancel_ids"
+        )
 
 
 def projector_of(feat_dim: int, hp: Any, last_bn: bool = False) -> nn.Module:

@@ -34,6 +34,12 @@ class DINOHParams:
     over 30 epochs for long ViT runs), student 0.1, centre momentum 0.9, teacher momentum
     0.996 -> 1 cosine, last layer frozen for the first epoch. `epochs` is the run's length,
     which the temperature warm-up needs; `use_bn_in_head=True` is the authors' ResNet setting.
+
+    Epochs here are reference epochs: the plain run's epoch of optimizer steps (the split's
+    images // batch), not the arm's data epoch (`sepp_ray.train.schedule`). The training loop
+    passes `epoch = step // reference steps per epoch`, so a pair arm, whose data epochs are
+    longer, warms its teacher temperature and unfreezes its last layer at the same step as
+    plain; the teacher momentum follows the step over the run's steps.
     """
 
     out_dim: int = 65536
@@ -131,8 +137,8 @@ class DINO(Method):
         }
 
     def on_before_optimizer_step(self, epoch: int) -> None:
-        """Drop the last layer's gradient in the first epochs: the paper's fix for early
-        instability (`freeze_last_layer`)."""
+        """Drop the last layer's gradient in the first (reference) epochs: the paper's fix for
+        early instability (`freeze_last_layer`)."""
         if epoch < self.hp.freeze_last_layer_epochs:
             for p in self.head.last_layer.parameters():
                 p.grad = None

@@ -13,7 +13,7 @@ import torch
 
 from sepp_ray import dist
 from sepp_ray.errors import SeppError
-from sepp_ray.methods.base import METHODS, Inputs
+from sepp_ray.methods.base import METHODS, Inputs, Metrics
 from sepp_ray.methods.simclr import SimCLR, SimCLRHParams, contrastive_loss
 
 
@@ -38,7 +38,7 @@ class SupCon(SimCLR):
     pair_uses = frozenset({"none", "attract"})
     needs_labels = True
 
-    def loss(self, x: Inputs) -> torch.Tensor:
+    def loss(self, x: Inputs) -> tuple[torch.Tensor, Metrics]:
         views, ids, labels = x.views, x.ids, x.labels
         if labels is None or labels.shape != ids.shape:
             got = None if labels is None else tuple(labels.shape)
@@ -54,5 +54,4 @@ class SupCon(SimCLR):
                 "labelled dataset, or choose a self-supervised method"
             )
         z = self.projector(self.backbone(torch.cat(views[:2])))  # 2N x D
-        loss = contrastive_loss(z, ids, x.pos_ids, self.hp.temperature, labels=labels)
-        return loss
+        return contrastive_loss(z, x, self.hp.temperature, self.hp.aug_weight, labels)

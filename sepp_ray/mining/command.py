@@ -20,6 +20,7 @@ from sepp_ray.errors import SeppError
 from sepp_ray.mining.embed import EMB_DIR, embed
 from sepp_ray.mining.encoder import EncoderConfig, load_encoder
 from sepp_ray.mining.mine import MineConfig, check_embedded_splits, mine
+from sepp_ray.mining.report_stats import crowding_warning, per_anchor_line
 from sepp_ray.storage import Location, absolute, begin_write, finish_write, read_manifest
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,22 @@ def _reusable(
         and m["dataset"]["fingerprint"] == dataset_fingerprint(ds)
         and m["splits"] == splits
     )
+
+
+CURATION_DIR = "curation"  # `sepp curate`'s session (its decisions, curated.parquet)
+
+
+def _begin_keeping_curation(out_uri: str, overwrite: bool, keep: tuple[str, ...] = ()) -> Location:
+    """`begin_write` that never deletes a curation session of the pairs it replaces: hand-made
+    decisions are worth more than the pairs; those on pairs mined again still apply."""
+    loc = begin_write(out_uri, overwrite=overwrite, keep=(*keep, CURATION_DIR))
+    if loc.exists(CURATION_DIR):
+        say(
+            f"kept the curation session in {loc.child(CURATION_DIR).uri}: its decisions on pairs "
+            "mined again still apply, the others are ignored; export again (an earlier "
+            "curated.parquet holds the old pairs)"
+        )
+    return loc
 
 
 def mine_command(
@@ -65,7 +82,7 @@ def mine_command(
     kind = given.get("kind")
     if kind == "embeddings":
         check_embedded_splits(input_uri, given.get("splits"), splits)
-        loc = begin_write(out_uri, overwrite=overwrite)
+        loc = _begin_keeping_curation(out_uri, overwrite)
         emb_uri = input_uri
     elif kind == "images":
         emb_uri = Location(out_uri).child(EMB_DIR).uri
@@ -86,7 +103,7 @@ def mine_command(
             )
         _, _, identity = load_encoder(encoder)
         reuse = _reusable(emb_uri, input_uri, given, identity, chosen)
-        loc = begin_write(out_uri, overwrite=overwrite, keep=(EMB_DIR,) if reuse else ())
+        loc = _begin_keeping_curation(out_uri, overwrite, (EMB_DIR,) if reuse else ())
         if reuse:
             log.info("reusing embeddings in %s (same dataset, encoder and splits)", emb_uri)
         else:
@@ -102,6 +119,11 @@ def mine_command(
     else:
         raise SeppError(f"{input_uri} is a {kind!r} output: give an image dataset or embeddings")
     body = mine(emb_uri, loc, cfg, splits)
+    say(f"[mine] {per_anchor_line(body)}")
+    crowded = crowding_warning(body)
+    if crowded:  # beside a zero-pairs warning there is none: one or the other
+        body["warning"] = crowded
+        log.warning(crowded)
     body["command_config"] = config
     body["encoder_config"] = asdict(encoder)
     finish_write(loc, body)

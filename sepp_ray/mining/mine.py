@@ -31,7 +31,7 @@ import numpy as np
 from sepp_ray.config import opt
 from sepp_ray.errors import SeppError
 from sepp_ray.mining.anchors import choose_anchors, validate_thresholds
-from sepp_ray.mining.report_stats import pair_statistics
+from sepp_ray.mining.report_stats import pair_statistics, positives_per_anchor
 from sepp_ray.mining.search import (
     Pairs,
     build_searcher,
@@ -319,11 +319,7 @@ def mine(
         "splits": emb_manifest.get("splits"),
         "num_pairs": int(len(pairs)),
         "anchors_with_positive": int(len(per_anchor)),
-        "positives_per_anchor": {
-            "mean": round(len(pairs) / len(anchors), 4),
-            "max": int(per_anchor.max(initial=0)),
-            "note": "over all anchors; m caps it when set, else every image in [lo, hi]",
-        },
+        "positives_per_anchor": positives_per_anchor(pairs.anchor_id, len(anchors)),
         "candidates_per_anchor": NEIGHBOURS,
         **stats,
         "files": files,

@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw
 from sepp_ray.data.dataset import ImageDataset
 from sepp_ray.data.images import decode_rgb
 from sepp_ray.errors import SeppError
+from sepp_ray.mining.report_stats import per_anchor_line
 from sepp_ray.mining.tables import read_pairs
 from sepp_ray.storage import filesystem, read_manifest
 
@@ -135,6 +136,17 @@ def precision_figure(m: dict[str, Any]) -> Any:
     return fig
 
 
+def per_anchor_table(m: dict[str, Any]) -> list[str]:
+    """The distribution of positives per anchor as a Markdown table (anchors per bin)."""
+    hist = m["positives_per_anchor"]["histogram"]
+    return [
+        "",
+        "| positives per anchor | " + " | ".join(hist) + " |",
+        "|---" * (len(hist) + 1) + "|",
+        "| anchors | " + " | ".join(str(v) for v in hist.values()) + " |",
+    ]
+
+
 def write_report(pairs_uri: str, out_uri: str, rows: int = 8, per_row: int = 4) -> list[str]:
     """Write the PNGs and report.md under ``out_uri``; returns the files written."""
     m = read_manifest(pairs_uri)
@@ -160,6 +172,8 @@ def write_report(pairs_uri: str, out_uri: str, rows: int = 8, per_row: int = 4) 
         f"m = {m['config']['m']}",
         f"- pairs: {m['num_pairs']}; anchors with a positive: {m['anchors_with_positive']}",
     ]
+    if "median" in m.get("positives_per_anchor", {}):  # recorded since the distribution was
+        lines += [f"- {per_anchor_line(m)}", *per_anchor_table(m)]
     if m.get("precision"):
         lines.append(f"- pair precision: {m['precision']['overall']}")
         lines += ["", "| lo | pairs | anchors with a positive | precision |", "|---|---|---|---|"]

@@ -82,3 +82,59 @@ def pair_statistics(
         "per_class": per_class,
     }
     return out
+
+
+# pair items per image beyond which mining and pretraining warn: past it, a dataset-mode run
+# spends most of the plain run's steps on pairs (sepp_ray.train.budget.pair_share_warning)
+PAIR_SHARE_LIMIT = 1.0
+
+
+def positives_per_anchor(anchor_ids: np.ndarray, n_anchors: int) -> dict[str, Any]:
+    """How many positives each anchor got (anchors without one count as 0): mean, quantiles,
+    max and a histogram in powers of two, so a window too wide for its sampler shows at once."""
+    _, per = np.unique(anchor_ids, return_counts=True)
+    counts = np.concatenate([per, np.zeros(max(0, n_anchors - len(per)), np.int64)])
+    if len(counts) == 0:
+        counts = np.zeros(1, np.int64)
+    edges = [0, 1, 2, 4, 8, 16, 32, 64, 128, 256]
+    bins = [(lo, hi - 1) for lo, hi in zip(edges, edges[1:], strict=False)]
+    hist = {_label(lo, hi): int(((counts >= lo) & (counts <= hi)).sum()) for lo, hi in bins}
+    hist[f"{edges[-1]}+"] = int((counts >= edges[-1]).sum())
+    q = np.quantile(counts, [0.5, 0.9, 0.99])
+    return {
+        "mean": round(float(counts.mean()), 4),
+        "median": float(q[0]),
+        "p90": float(q[1]),
+        "p99": float(q[2]),
+        "max": int(counts.max()),
+        "histogram": hist,
+        "note": "over all anchors; m caps it when set, else every image in [lo, hi]",
+    }
+
+
+def _label(lo: int, hi: int) -> str:
+    return str(lo) if lo == hi else f"{lo}-{hi}"
+
+
+def per_anchor_line(m: dict[str, Any]) -> str:
+    """The console's line on a mining's positives per anchor (``m``: its manifest)."""
+    per = m["positives_per_anchor"]
+    share = m["num_pairs"] / max(1, m["n"])
+    return (
+        f"positives per anchor: mean {per['mean']:g}, median {per['median']:g}, p90 "
+        f"{per['p90']:g}, max {per['max']} (m={m.get('m')}); as pair items "
+        f"{share:.2f} per image"
+    )
+
+
+def crowding_warning(m: dict[str, Any], limit: float = PAIR_SHARE_LIMIT) -> str | None:
+    """A warning when the pairs, as dataset-mode items, would outnumber the images more than
+    ``limit`` times, naming the fixes; None otherwise."""
+    n, pairs = int(m["n"]), int(m["num_pairs"])
+    if n == 0 or pairs <= limit * n:
+        return None
+    return (
+        f"{pairs} pairs for {n} images ({pairs / n:.1f} per image, more than {limit:g}): as "
+        "training items they would swamp the originals at equal steps. Raise lo, or cap the "
+        "positives per anchor with m"
+    )

@@ -13,6 +13,7 @@ import math
 from typing import Any
 
 from sepp_ray.errors import SeppError
+from sepp_ray.mining.report_stats import PAIR_SHARE_LIMIT
 
 # pairs.mode values whose pairs become extra training items (the others use them in the loss)
 ITEM_MODES = ("dataset", "both")
@@ -45,3 +46,23 @@ def planned_items(n_images: int, num_pairs: int, mode: str, extra: int = 0) -> i
 def epochs_for(budget_steps: int, steps_per_epoch: int) -> int:
     """Epochs a budgeted run starts (the last one may stop part way)."""
     return max(1, math.ceil(budget_steps / max(1, steps_per_epoch)))
+
+
+_PAIR_KINDS = ("semantic", "augmentation", "curated")
+
+
+def pair_share_warning(counts: dict[str, int], limit: float = PAIR_SHARE_LIMIT) -> str | None:
+    """A warning when a run's pair items outnumber its originals more than ``limit`` times
+    (``counts``: the run's items per kind), naming the fixes; None otherwise. At the plain
+    run's optimizer steps the originals are then seen far less than in the plain run, so the
+    comparison measures the loss of them as much as the gain of the pairs. A run without
+    originals (curated pairs alone) chose that and gets no warning."""
+    pairs = sum(int(counts.get(k, 0)) for k in _PAIR_KINDS)
+    originals = int(counts.get("original", 0))
+    if originals == 0 or pairs <= limit * originals:
+        return None
+    return (
+        f"{pairs} pair items for {originals} originals ({pairs / originals:.1f} per original, "
+        f"more than {limit:g}): at equal optimizer steps the originals are barely seen. Mine "
+        "fewer pairs: raise mining.lo, or cap the positives per anchor with mining.m"
+    )

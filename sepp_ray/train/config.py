@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from sepp_ray.data.recipes import TwoViewRecipe
     from sepp_ray.train.dataplane import DataPlan
     from sepp_ray.train.optim_defaults import OptimRecipe
+    from sepp_ray.train.resident import ResidentPlan
 
 
 @dataclass
@@ -58,8 +59,23 @@ class PretrainConfig:
     compile: bool = opt(False, "torch.compile the model")
     sync_bn: bool = opt(False, "synchronised BatchNorm across workers")
     shuffle_buffer: int = opt(4096, "rows mixed in each worker's shuffle buffer (capped at 512 MB)")
-    read_ahead: int = opt(8, "row groups each worker has read and decoded ahead (Ray tasks)")
+    read_ahead: int = opt(
+        0, "read-and-decode tasks each worker keeps in flight (0: the node's spare CPUs + 2)"
+    )
     decode_cpus: float = opt(1.0, "CPUs of each read-and-decode task")
+    data_plane: str = opt(
+        "auto",
+        "auto: hold the split decoded in device memory when it fits (resident_max_gb, images "
+        "of one size), else stream it from Parquet; resident; stream",
+    )
+    resident_max_gb: float = opt(
+        8.0, "the most a resident split may take per rank, decoded, in GiB (auto's threshold)"
+    )
+    max_item_table_gb: float | None = opt(
+        100.0,
+        "refuse to build a pair-item table estimated larger, in GiB (pair images x mean image "
+        "size: fewer pairs through mining's m or lo, or raise this); null: no bound",
+    )
     decode_on: str = opt(
         "cpu",
         "cpu: decode in the read tasks; gpu: ship JPEG bytes and decode them on the training "
@@ -71,7 +87,9 @@ class PretrainConfig:
         "then mean fewer epochs, not more steps); none: epochs x items // batch_size",
     )
     checkpoint_every: int = opt(10, "epochs between checkpoints (the last epoch always)")
-    keep_checkpoints: int = opt(2, "newest checkpoints kept")
+    keep_checkpoints: int = opt(
+        2, "checkpoints kept: the best by the kNN monitor, and the newest (no monitor: the newest)"
+    )
     gpu_wait_s: float | None = opt(
         None,
         "use_gpu with fewer GPUs than workers: ask the autoscaler for them and wait this long "
@@ -89,7 +107,17 @@ class PretrainConfig:
     monitor_split: str = opt(
         "val", "the split the kNN monitor queries (model selection: never the test split)"
     )
-    knn_every: int = opt(5, "epochs between kNN monitor evaluations (and the last)")
+    knn_every: int = opt(
+        5,
+        "epochs between kNN monitor evaluations (and the last); with report_every_steps: "
+        "reports between them",
+    )
+    report_every_steps: int | None = opt(
+        None,
+        "report metrics every this many optimizer steps (and at the end), whatever an epoch's "
+        "length: runs with different items are then compared at the same steps (a sweep sets "
+        "it); none: at every epoch's end",
+    )
     knn_k: int = opt(200, "neighbours of the kNN monitor")
     knn_max_train: int = opt(10_000, "at most this many train images in the kNN monitor")
     knn_max_test: int = opt(2_000, "at most this many validation images in the kNN monitor")
@@ -123,14 +151,19 @@ class PretrainConfig:
         check_backbone(self.backbone, self.cifar_stem)
         if self.amp not in AMP_MODES:
             raise SeppError(f"amp must be one of {list(AMP_MODES)}, got {self.amp!r}")
+        if self.data_plane not in ("auto", "resident", "stream"):
+            raise SeppError(f"data_plane must be auto, resident or stream, got {self.data_plane!r}")
+        if not self.resident_max_gb > 0:
+            raise SeppError(f"resident_max_gb must be > 0 GiB, got {self.resident_max_gb}")
+        if self.max_item_table_gb is not None and not self.max_item_table_gb > 0:
+            raise SeppError(f"max_item_table_gb must be > 0 GiB, got {self.max_item_table_gb}")
         if self.decode_on not in ("cpu", "gpu"):
             raise SeppError(f"decode_on must be cpu or gpu, got {self.decode_on!r}")
         _at_least(self, 1, "epochs", "batch_size", "workers", "checkpoint_every", "knn_every")
-        _at_least(self, 1, "read_ahead")
-        _at_least(self, 0, "shuffle_buffer", "cpus_per_worker", "decode_cpus")
+        _at_least(self, 0, "read_ahead", "shuffle_buffer", "cpus_per_worker", "decode_cpus")
         if self.knn_monitor:
             _at_least(self, 1, "knn_k", "knn_max_train", "knn_max_test")
-        for name in ("image_size", "budget_steps"):
+        for name in ("image_size", "budget_steps", "report_every_steps"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise SeppError(f"{name} must be >= 1 or none, got {value}")
@@ -167,10 +200,13 @@ class WorkerConfig:
     """What every Ray Train rank reads: the run resolved by the driver (the one object its
     `TorchTrainer` calls the train loop with), so no rank re-derives or re-checks a setting.
 
-    hparams: the method's hyperparameters fitted to the run's items (`fit_hparams`). recipe:
+    hparams: the method's hyperparameters fitted to the plain run's items (`fit_hparams`). recipe:
     the augmentation recipe at ``image_size`` with the ablation's drops applied. pair_use: what
     a batch's ``pos_ids`` are to the loss (`pair_use_of_mode`). optim, lr, warmup_steps: the
     optimiser recipe, its peak rate at the global batch and the warm-up's optimizer steps.
+    reference_steps_per_epoch: the plain run's epoch in steps, the unit of a method's
+    epoch-counted schedules (`sepp_ray.train.schedule`). report_every_steps: report every this
+    many optimizer steps and at the end (None: at each epoch's end).
     data: the data plan (epochs, steps, local batch, chunks). monitor: the kNN monitor's sample
     references (`read_slice` ObjectRefs) with its split, or None. num_classes: of the dataset.
     """
@@ -192,7 +228,7 @@ class WorkerConfig:
     optim: OptimRecipe
     lr: float
     warmup_steps: int
-    data: DataPlan
+    data: DataPlan | ResidentPlan
     workers: int
     preflight: bool
     preflight_limit_gb: float | None
@@ -206,6 +242,9 @@ class WorkerConfig:
     knn_every: int
     knn_k: int
     num_classes: int
+    # the schedule's epoch (the plain run's; 0: the data epoch) and the reporting interval
+    reference_steps_per_epoch: int = 0
+    report_every_steps: int | None = None
 
     def __post_init__(self) -> None:
         """The run's invariants: a violation is a driver bug, caught before any worker starts."""
@@ -217,6 +256,11 @@ class WorkerConfig:
         if self.pair_use not in PAIR_USES:
             raise SeppError(f"pair_use must be one of {list(PAIR_USES)}, got {self.pair_use!r}")
         _at_least(self, 1, "image_size", "workers", "checkpoint_every", "knn_every", "num_classes")
+        _at_least(self, 0, "reference_steps_per_epoch")
+        if self.report_every_steps is not None and self.report_every_steps < 1:
+            raise SeppError(
+                f"report_every_steps must be >= 1 or none, got {self.report_every_steps}"
+            )
         if not self.lr > 0:
             raise SeppError(f"the peak learning rate must be > 0, got {self.lr}")
         if not 0 <= self.warmup_steps < self.data.total_steps:

@@ -15,7 +15,7 @@ import json
 import logging
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -25,10 +25,20 @@ from sepp_ray.data.recipes import TwoViewRecipe
 from sepp_ray.errors import SeppError
 from sepp_ray.storage import Location
 from sepp_ray.train.census import census, outside_placement_group
-from sepp_ray.train.feed import Batch, CropSpec, DecodeSpec, FeedConfig, prefetched, rank_batches
-from sepp_ray.train.item_table import write_item_table
+from sepp_ray.train.feed import (
+    Batch,
+    CropSpec,
+    DecodeSpec,
+    EpochPart,
+    FeedConfig,
+    RankFeed,
+    prefetched,
+    rank_batches,
+)
+from sepp_ray.train.item_table import ITEM_TABLE_VERSION, write_item_table
 from sepp_ray.train.items import ItemPlan
 from sepp_ray.train.plan import Chunk, Slice, rank_slices, total_rows
+from sepp_ray.train.resident import PlaneChoice
 
 log = logging.getLogger(__name__)
 ITEMS_DIR = "items"
@@ -46,6 +56,7 @@ class DataPlan:
     steps_per_epoch: int
     total_steps: int
     seed: int
+    choice: PlaneChoice = field(default_factory=lambda: PlaneChoice("stream", "", 0))
 
     @property
     def epochs(self) -> int:
@@ -55,6 +66,9 @@ class DataPlan:
     @property
     def rows(self) -> int:
         return total_rows(self.chunks)
+
+    def local_batch(self, world: int) -> int:
+        return self.global_batch // world
 
     def steps_in(self, epoch: int) -> int:
         """Optimizer steps of 0-based ``epoch``."""
@@ -71,13 +85,42 @@ class DataPlan:
         it = rank_batches(parts, self.spec, self.feed, self.seed, epoch, rank, steps, use_ray)
         return prefetched(it, self.feed.prefetch_batches)
 
+    def stream(self, world: int, rank: int, first_epoch: int = 0, use_ray: bool = True) -> RankFeed:
+        """This rank's batches of every epoch from ``first_epoch`` on (``.epoch(e)``, in turn):
+        one pipeline of reads, the next epoch's already in flight at an epoch's end."""
+        parts = (
+            EpochPart(e, self.slices(e, world, rank), self.steps_in(e))
+            for e in range(first_epoch, self.epochs)
+        )
+        return RankFeed(parts, self.spec, self.feed, self.seed, rank, use_ray)
+
 
 def decode_spec(
-    manifest: dict[str, Any], size: int, recipe: TwoViewRecipe, max_positives: int, split: str
+    manifest: dict[str, Any],
+    size: int,
+    recipe: TwoViewRecipe,
+    max_positives: int,
+    split: str,
+    decode_on: str = "cpu",
 ) -> DecodeSpec:
     """Full images to the GPU when the dataset is stored at the training size (the GPU crops
-    them); otherwise each view's random resized crop is taken on the CPU from the stored image,
-    whatever its size and aspect ratio, and the GPU skips its crop."""
+    them); otherwise each view's random resized crop is taken from the stored image, whatever
+    its size and aspect ratio, and the GPU skips its crop. The crops are taken on the CPU, or
+    with ``decode_on="gpu"`` on the device from shipped JPEG bytes (mode "bytes" keeping the
+    view crops; `device_decode`)."""
+    from dataclasses import replace
+
+    spec = _cpu_decode_spec(manifest, size, recipe, max_positives, split)
+    if decode_on != "gpu":
+        return spec
+    if manifest.get("options", {}).get("encoding") == "png":
+        raise SeppError("decode_on=gpu needs JPEG shards: ingest with images.encoding=jpeg")
+    return replace(spec, mode="bytes")
+
+
+def _cpu_decode_spec(
+    manifest: dict[str, Any], size: int, recipe: TwoViewRecipe, max_positives: int, split: str
+) -> DecodeSpec:
     sizes = manifest.get("image_size", {})
     stored = bool(sizes.get("uniform")) and sizes["width"][0] == sizes["height"][0] == size
     if stored:
@@ -107,16 +150,25 @@ def decode_spec(
 
 
 def _plan_hash(plan: ItemPlan, dataset: str, split: str) -> str:
-    h = hashlib.sha256(f"{dataset}|{split}".encode())
+    # the table's schema version too: a table of older columns is rebuilt, not reused
+    h = hashlib.sha256(f"{dataset}|{split}|items-v{ITEM_TABLE_VERSION}".encode())
     for arr in (plan.item_id, plan.a, plan.b, plan.kind, plan.group):
         h.update(np.ascontiguousarray(arr).tobytes())
     h.update(json.dumps(plan.pos).encode())
     return h.hexdigest()[:16]
 
 
-def item_table(plan: ItemPlan, ds: ImageDataset, split: str, out: str, seed: int) -> list[str]:
+def item_table(
+    plan: ItemPlan,
+    ds: ImageDataset,
+    split: str,
+    out: str,
+    seed: int,
+    max_gb: float | None = None,
+) -> list[str]:
     """The run's pair-item table: written once (a Ray Data job), reused when a resumed run
-    finds it complete for the same plan."""
+    finds it complete for the same plan. Its estimated size is said first and refused past
+    ``max_gb`` GiB."""
     loc = Location(out).child(ITEMS_DIR)
     key = _plan_hash(plan, ds.uri, split)
     if loc.exists(ITEMS_DONE):
@@ -128,7 +180,7 @@ def item_table(plan: ItemPlan, ds: ImageDataset, split: str, out: str, seed: int
     if plan.rows == 0:
         return []
     fs, _ = _fs(ds.uri)
-    files = write_item_table(plan, ds.file_paths(), fs, split, loc.uri, seed)
+    files = write_item_table(plan, ds.file_paths(), fs, split, loc.uri, seed, max_gb=max_gb)
     loc.write_bytes(ITEMS_DONE, json.dumps({"plan": key, "files": files}).encode())
     return files
 

@@ -5,8 +5,10 @@ The driver checks every setting before reading data or taking cluster resources
 (`sepp_ray.train.dataplane`: pair items written once by a Ray Data job, row groups counted in
 tasks, no image bytes in the driver), resolves the run into one `WorkerConfig`, and runs a
 TorchTrainer: DDP over ``workers`` (gloo on CPU, NCCL on GPUs), each rank streaming its rows of
-every epoch through parallel decode tasks, ``FailureConfig`` restarts, and resume from the
-newest complete checkpoint.
+every epoch through parallel decode tasks, ``FailureConfig`` restarts, and checkpoints through
+Ray Train (`sepp_ray.train.ray_checkpoints`): kept by the kNN monitor, resumed from after a lost
+worker, and the whole run restored when the same command runs again after the driver died.
+`pretrain` tells the run in steps, one function each.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -31,12 +33,19 @@ from sepp_ray.storage import (
     absolute,
     begin_write,
     finish_write,
-    ray_storage_filesystem,
-    ray_storage_path,
     read_manifest,
 )
 from sepp_ray.train.config import PretrainConfig, WorkerConfig
-from sepp_ray.train.items import plan_items
+from sepp_ray.train.items import ItemPlan, plan_items
+
+if TYPE_CHECKING:
+    from ray.train import Result
+
+    from sepp_ray.data.recipes import TwoViewRecipe
+    from sepp_ray.train.dataplane import DataPlan
+    from sepp_ray.train.feed import DecodeSpec
+    from sepp_ray.train.resident import PlaneChoice, ResidentPlan
+    from sepp_ray.train.schedule import Schedule
 
 __all__ = ["PretrainConfig", "pretrain"]
 
@@ -96,6 +105,18 @@ def _absolute_uris(cfg: PretrainConfig) -> PretrainConfig:
     return replace(cfg, dataset=absolute(cfg.dataset), out=absolute(cfg.out), pairs=pairs)
 
 
+@dataclass(frozen=True)
+class _Run:
+    """A resolved run: what every worker gets, and what the manifest says of its plan."""
+
+    worker: WorkerConfig
+    spec: DecodeSpec
+    counts: dict[str, int]
+    schedule: Schedule
+    crowded: str | None
+    use_gpu: bool
+
+
 def pretrain(cfg: PretrainConfig, callbacks: list[Any] | None = None) -> dict[str, Any]:
     """Run (or resume) a pretraining run; returns the run's manifest.
 
@@ -103,50 +124,62 @@ def pretrain(cfg: PretrainConfig, callbacks: list[Any] | None = None) -> dict[st
     forwards each epoch's metrics (the kNN monitor) to Tune's scheduler (``sweep_trial``).
     """
     cfg.validate()  # every setting, before reading data or taking a Ray resource
-    import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from sepp_ray.data.recipes import get_recipe
-    from sepp_ray.methods import fit_hparams, method_class
-    from sepp_ray.ray_utils import init_ray
-    from sepp_ray.train.dataplane import (
-        ITEMS_DIR,
-        DataPlan,
-        decode_spec,
-        item_table,
-        training_chunks,
-    )
-    from sepp_ray.train.feed import FeedConfig
-    from sepp_ray.train.plan import total_rows
-    from sepp_ray.train.preflight import check_preflight
-    from sepp_ray.train.state import CKPT_DIR, DIVERGED, latest_checkpoint
-    from sepp_ray.train.step import pair_use_of_mode
-    from sepp_ray.train.worker import train_loop
-
     cfg = _absolute_uris(cfg)
+    ds = _open_dataset(cfg)
+    size = _image_size(ds, cfg)
+    recipe, spec = _recipe_and_spec(cfg, ds, size)
+    plan, pair_use = _item_plan(cfg)
+    use_gpu = _claim_cluster(cfg)
+    choice = _choose_plane(cfg, ds, use_gpu)
+    if choice.mode == "stream":  # a resident split is decoded once, before the workers start
+        _check_decode_cpus(cfg)
+    loc, resumed = _claim_output(cfg)
+    run = _resolve(cfg, ds, plan, (recipe, spec), size, pair_use, choice, use_gpu)
+    result, wall = _fit(cfg, run, callbacks, resumed)
+    final = _final_checkpoint(cfg, loc, result, run.worker.data.epochs)
+    manifest = _manifest(cfg, run, final, resumed, wall, result)
+    finish_write(loc, manifest)
+    return manifest
+
+
+def _open_dataset(cfg: PretrainConfig) -> ImageDataset:
+    """The dataset, refused when it lacks the split, or the labels the method trains on."""
+    from sepp_ray.methods import method_class
+
     ds = ImageDataset.open(cfg.dataset)
     if cfg.split not in ds.manifest["splits"]:
         raise SeppError(
             f"split {cfg.split!r} not in {cfg.dataset}; it has {list(ds.manifest['splits'])}"
         )
-    size = _image_size(ds, cfg)
-    method_cls = method_class(cfg.method)
-    if method_cls.needs_labels and ds.manifest["splits"][cfg.split]["labeled"] == 0:
+    if method_class(cfg.method).needs_labels and ds.manifest["splits"][cfg.split]["labeled"] == 0:
         raise SeppError(
             f"method {cfg.method} trains on class labels and split {cfg.split!r} of "
             f"{cfg.dataset} has none: pick another method or a labeled dataset"
         )
-    recipe = get_recipe(cfg.recipe or method_cls.default_recipe, size, drop=tuple(cfg.drop_augment))
-    spec = decode_spec(ds.manifest, size, recipe, cfg.pairs.max_positives, cfg.split)
-    if cfg.decode_on == "gpu":
-        if spec.mode != "full":
-            raise SeppError(
-                f"decode_on=gpu decodes whole images, but {cfg.dataset} is not stored at the "
-                f"training size {size}: ingest with images.resize={size} "
-                "images.center_crop=true images.encoding=jpeg, or decode_on=cpu"
-            )
-        spec = replace(spec, mode="bytes")
+    return ds
+
+
+def _recipe_and_spec(
+    cfg: PretrainConfig, ds: ImageDataset, size: int
+) -> tuple[TwoViewRecipe, DecodeSpec]:
+    """The augmentation recipe, and how the stored images are decoded for it."""
+    from sepp_ray.data.recipes import get_recipe
+    from sepp_ray.methods import method_class
+    from sepp_ray.train.dataplane import decode_spec
+
+    name = cfg.recipe or method_class(cfg.method).default_recipe
+    recipe = get_recipe(name, size, drop=tuple(cfg.drop_augment))
+    # decode_on=gpu: JPEG bytes to the device, whole images at the training size, else cropped there
+    spec = decode_spec(
+        ds.manifest, size, recipe, cfg.pairs.max_positives, cfg.split, decode_on=cfg.decode_on
+    )
+    return recipe, spec
+
+
+def _item_plan(cfg: PretrainConfig) -> tuple[ItemPlan, str]:
+    """The pair items (mined and curated pairs, as image ids) and how the loss uses pairs."""
+    from sepp_ray.train.step import pair_use_of_mode
+
     pairs = _read_pairs_table(cfg.pairs.pairs) if cfg.pairs.pairs else None
     curated = None
     if cfg.pairs.curated:
@@ -155,7 +188,16 @@ def pretrain(cfg: PretrainConfig, callbacks: list[Any] | None = None) -> dict[st
             curated = pq.read_table(f, columns=["image_a", "image_b"])
     plan = plan_items(pairs, curated, cfg.pairs, cfg.seed)
     pair_use = pair_use_of_mode(cfg.pairs.mode) if pairs is not None else "none"
-    multi_positive = pair_use != "none"
+    return plan, pair_use
+
+
+def _claim_cluster(cfg: PretrainConfig) -> bool:
+    """Connect to Ray, check the run's storage is shared, and wait for the GPUs the workers
+    need; returns whether the workers train on GPUs."""
+    import ray
+
+    from sepp_ray.ray_utils import init_ray
+
     init_ray()
     check_shared_storage({"dataset": cfg.dataset, "out": cfg.out, **_pair_uris(cfg)})
     wait = gpu_wait(cfg.gpu_wait_s)
@@ -163,56 +205,86 @@ def pretrain(cfg: PretrainConfig, callbacks: list[Any] | None = None) -> dict[st
     # told to wait for GPUs, a run on a cluster scaled to zero GPU nodes still trains on GPUs
     use_gpu = (bool(gpus) or wait > 0) if cfg.use_gpu is None else cfg.use_gpu
     if use_gpu:
-        gpus = ensure_gpus(
+        ensure_gpus(
             cfg.workers,
             wait,
             what="GPU workers",
             fix="lower workers",
             cpus_per_gpu=cfg.cpus_per_worker,
         )
-    _check_decode_cpus(cfg)
-    # a complete run is final; a crashed one keeps its checkpoints and resumes from them
+    return use_gpu
+
+
+def _claim_output(cfg: PretrainConfig) -> tuple[Location, tuple[int, str] | None]:
+    """Claim the output. A complete run is final; a crashed one keeps its checkpoints and
+    Ray Train's snapshot beside them, from which Ray restores it: returns the checkpoint it
+    resumes from."""
+    from sepp_ray.train.dataplane import ITEMS_DIR
+    from sepp_ray.train.ray_checkpoints import restored_from
+    from sepp_ray.train.state import CKPT_DIR
+
     keep = (CKPT_DIR, "tensorboard", ITEMS_DIR) if not cfg.overwrite else ()
     if not cfg.overwrite:
         _check_resumable(cfg)
     loc = begin_write(cfg.out, overwrite=cfg.overwrite, keep=keep)
-    resumed = latest_checkpoint(cfg.out)
-    item_files = item_table(plan, ds, cfg.split, cfg.out, cfg.seed)
-    exclude = ray.put(plan.exclude) if len(plan.exclude) else None
-    chunks = training_chunks(ds, plan, item_files, cfg.split, exclude)
-    n_items = total_rows(chunks)
-    counts = {**plan.counts, "original": n_items - plan.rows if plan.originals else 0}
-    if n_items < cfg.batch_size:
-        raise SeppError(
-            f"batch_size {cfg.batch_size} exceeds the {n_items} training items: lower it"
-        )
-    steps_per_epoch = n_items // cfg.batch_size
-    total_steps = cfg.budget_steps or steps_per_epoch * cfg.epochs
-    data = DataPlan(
-        chunks=chunks,
-        spec=replace(spec, exclude=exclude),
-        feed=FeedConfig(
-            local_batch=cfg.batch_size // cfg.workers,
-            buffer_rows=cfg.shuffle_buffer,
-            read_ahead=cfg.read_ahead,
-            task_cpus=cfg.decode_cpus,
-        ),
-        global_batch=cfg.batch_size,
-        steps_per_epoch=steps_per_epoch,
-        total_steps=total_steps,
-        seed=cfg.seed,
-    )
-    epochs = data.epochs
-    # a queue (MoCo) or support set (NNCLR) never longer than an epoch of items
-    hparams = fit_hparams(cfg.method, cfg.hparams, n_items)
+    return loc, restored_from(cfg.out)
+
+
+def _resolve(
+    cfg: PretrainConfig,
+    ds: ImageDataset,
+    plan: ItemPlan,
+    augment: tuple[TwoViewRecipe, DecodeSpec],
+    size: int,
+    pair_use: str,
+    choice: PlaneChoice,
+    use_gpu: bool,
+) -> _Run:
+    """Plan the data (resident or streamed), the schedule that follows the plain run, and the
+    kNN monitor; resolve it all into the one `WorkerConfig` every rank reads."""
+    from sepp_ray.train.budget import pair_share_warning, split_size
+    from sepp_ray.train.schedule import plan_schedule
+
+    recipe, spec = augment
+    plan_data = _resident_plan if choice.mode == "resident" else _stream_plan
+    data = plan_data(cfg, ds, plan, spec, choice)
+    counts = {**plan.counts, "original": data.rows - plan.rows if plan.originals else 0}
     optim = cfg.optim_recipe()
-    lr = optim.peak_lr(cfg.batch_size)
-    monitor = _monitor(ds, cfg, size)
-    worker = WorkerConfig(
+    # every schedule and data-sized buffer follows the plain run, whatever the arm
+    schedule = plan_schedule(
+        cfg.method,
+        cfg.hparams,
+        optim,
+        images=split_size(ds.manifest, cfg.split),
+        items=data.rows,
+        batch_size=cfg.batch_size,
+        epochs=cfg.epochs,
+        budget_steps=cfg.budget_steps,
+        backbone=cfg.backbone,
+    )
+    crowded = pair_share_warning(counts)
+    if crowded:
+        log.warning(crowded)
+    worker = _worker_config(cfg, ds, data, recipe, size, pair_use, schedule)
+    return _Run(worker, spec, counts, schedule, crowded, use_gpu)
+
+
+def _worker_config(
+    cfg: PretrainConfig,
+    ds: ImageDataset,
+    data: DataPlan | ResidentPlan,
+    recipe: TwoViewRecipe,
+    size: int,
+    pair_use: str,
+    schedule: Schedule,
+) -> WorkerConfig:
+    """The run as every rank reads it: settings resolved, data planned, monitor sampled."""
+    optim = cfg.optim_recipe()
+    return WorkerConfig(
         method=cfg.method,
         backbone=cfg.backbone,
         cifar_stem=cfg.cifar_stem,
-        hparams=hparams,
+        hparams=schedule.hparams,
         image_size=size,
         recipe=recipe,
         seed=cfg.seed,
@@ -222,8 +294,10 @@ def pretrain(cfg: PretrainConfig, callbacks: list[Any] | None = None) -> dict[st
         amp=cfg.amp,
         pair_use=pair_use,
         optim=optim,
-        lr=lr,
-        warmup_steps=min(optim.warmup_steps(steps_per_epoch, epochs), total_steps - 1),
+        lr=optim.peak_lr(cfg.batch_size),
+        warmup_steps=schedule.warmup_steps,
+        reference_steps_per_epoch=schedule.reference_steps_per_epoch,
+        report_every_steps=cfg.report_every_steps,
         data=data,
         workers=cfg.workers,
         preflight=cfg.preflight,
@@ -233,16 +307,34 @@ def pretrain(cfg: PretrainConfig, callbacks: list[Any] | None = None) -> dict[st
         out=cfg.out,
         checkpoint_every=cfg.checkpoint_every,
         keep_checkpoints=cfg.keep_checkpoints,
-        monitor=monitor,
+        monitor=_monitor(ds, cfg, size),
         knn_every=cfg.knn_every,
         knn_k=cfg.knn_k,
         num_classes=max(1, len(ds.classes)),
     )
-    storage = Location(cfg.out).child("_ray")
+
+
+def _fit(
+    cfg: PretrainConfig,
+    run: _Run,
+    callbacks: list[Any] | None,
+    resumed: tuple[int, str] | None,
+) -> tuple[Result, float]:
+    """Train on Ray Train: DDP over ``workers``, restarts on a lost worker (``FailureConfig``),
+    and the run folder at ``OUT/checkpoints`` (`sepp_ray.train.ray_checkpoints`), where Ray
+    keeps the best checkpoints by the kNN monitor and from which it restores a run whose driver
+    died. Returns Ray's result and the wall time."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from sepp_ray.train.progress import ProgressBar
+    from sepp_ray.train.ray_checkpoints import checkpoint_config, run_storage
+    from sepp_ray.train.worker import train_loop
+
+    worker = run.worker
     run_config = RunConfig(
-        name="train",
-        storage_path=ray_storage_path(storage.uri),
-        storage_filesystem=ray_storage_filesystem(storage.uri),
+        **run_storage(cfg.out),
+        checkpoint_config=checkpoint_config(cfg.keep_checkpoints, worker.monitor is not None),
         failure_config=FailureConfig(max_failures=cfg.max_failures),
         callbacks=callbacks,
     )
@@ -250,17 +342,23 @@ def pretrain(cfg: PretrainConfig, callbacks: list[Any] | None = None) -> dict[st
         partial(train_loop, worker),  # the one typed object every rank reads
         scaling_config=ScalingConfig(
             num_workers=cfg.workers,
-            use_gpu=use_gpu,
+            use_gpu=run.use_gpu,
             resources_per_worker={"CPU": cfg.cpus_per_worker},
         ),
         run_config=run_config,
     )
     t0 = time.perf_counter()
-    from sepp_ray.train.progress import ProgressBar
-
-    with ProgressBar(cfg.out, epochs, resumed[0] if resumed else 0):
+    with ProgressBar(cfg.out, worker.data.epochs, resumed[0] if resumed else 0):
         result = trainer.fit()
-    wall = time.perf_counter() - t0
+    return result, time.perf_counter() - t0
+
+
+def _final_checkpoint(cfg: PretrainConfig, loc: Location, result: Result, epochs: int) -> str:
+    """The run's final checkpoint; a SeppError for a run that failed, whose batch did not fit
+    the GPUs, whose loss diverged, or that ended without it."""
+    from sepp_ray.train.preflight import check_preflight
+    from sepp_ray.train.state import CKPT_DIR, DIVERGED, latest_checkpoint
+
     if result.error is not None:
         raise SeppError(f"training failed: {result.error}")
     check_preflight(loc)  # a local batch too big for the GPUs: the error rank 0 left
@@ -274,38 +372,149 @@ def pretrain(cfg: PretrainConfig, callbacks: list[Any] | None = None) -> dict[st
     final = latest_checkpoint(cfg.out)
     if final is None or final[0] != epochs:
         raise SeppError(f"training ended without its final checkpoint in {cfg.out}")
-    ckpt = read_manifest(final[1])
-    history, starts, nodes = _history(final[1])
-    manifest = {
+    return final[1]
+
+
+def _manifest(
+    cfg: PretrainConfig,
+    run: _Run,
+    final: str,
+    resumed: tuple[int, str] | None,
+    wall: float,
+    result: Result,
+) -> dict[str, Any]:
+    """The run's manifest: its plan, where it (re)started, and what it measured."""
+    from sepp_ray.train.ray_checkpoints import best_uri
+
+    w, data = run.worker, run.worker.data
+    ckpt = read_manifest(final)
+    history, starts, nodes = _history(final)
+    return {
         "kind": "pretrain",
-        "final_checkpoint": final[1],
+        "final_checkpoint": final,
+        # of the checkpoints Ray kept, the best by the kNN monitor on the validation split
+        "best_checkpoint": best_uri(result, cfg.out),
         "epochs": cfg.epochs,
-        "epochs_run": epochs,
+        "epochs_run": data.epochs,
         "budget_steps": cfg.budget_steps,
-        "total_steps": total_steps,
-        "hparams": hparams,
-        "decode": spec.mode,
+        "total_steps": data.total_steps,
+        "hparams": w.hparams,
+        "decode": run.spec.mode if data.choice.mode == "stream" else "resident",
+        "data_plane": data.choice.to_dict(),
         "resumed_from_epoch": resumed[0] if resumed else 0,
-        "items": counts,
-        "multi_positive": multi_positive,
-        "steps_per_epoch": steps_per_epoch,
-        "lr": lr,
-        "optim": optim.to_dict(),
-        "image_size": size,
-        "use_gpu": use_gpu,
+        "items": run.counts,
+        "multi_positive": w.pair_use != "none",
+        "steps_per_epoch": data.steps_per_epoch,
+        "schedule": run.schedule.to_dict(),
+        "pair_share_warning": run.crowded,
+        "lr": w.lr,
+        "optim": w.optim.to_dict(),
+        "image_size": w.image_size,
+        "use_gpu": run.use_gpu,
         "workers": cfg.workers,
         "worker_nodes": nodes,
         "wall_seconds": round(wall, 2),
         "final_metrics": ckpt.get("metrics"),
         "history": history,
+        # over the whole run and all ranks: mined pairs the loss used (attracted or cancelled;
+        # 0 in dataset mode, where pairs are items), and same-image negatives (0 by the mask)
+        "pairs_used": int(sum(h.get("pairs_used", 0) for h in history)),
+        "same_image_negatives": int(sum(h.get("same_image_negatives", 0) for h in history)),
         "loop_starts_at_epoch": starts,
         "config": asdict(cfg),
         "pairs_per_s_mean": float(np.mean([h.get("pairs_per_s", 0) for h in history]))
         if history
         else math.nan,
     }
-    finish_write(loc, manifest)
-    return manifest
+
+
+def _epoch_steps(cfg: PretrainConfig, n_items: int) -> tuple[int, int]:
+    """(steps per epoch, total steps) of a run over ``n_items`` training items."""
+    if n_items < cfg.batch_size:
+        raise SeppError(
+            f"batch_size {cfg.batch_size} exceeds the {n_items} training items: lower it"
+        )
+    steps_per_epoch = n_items // cfg.batch_size
+    return steps_per_epoch, cfg.budget_steps or steps_per_epoch * cfg.epochs
+
+
+def _choose_plane(cfg: PretrainConfig, ds: ImageDataset, use_gpu: bool) -> PlaneChoice:
+    """Resident or streaming (`sepp_ray.train.resident.choose_plane`), by the split's decoded
+    size against what one rank may hold: ``resident_max_gb`` of device memory on GPUs (a rank
+    still falls back to pinned host memory when its device has less free), on CPUs also at most
+    a quarter of the smallest node's memory shared by the workers."""
+    import ray
+
+    from sepp_ray.train.resident import HOST_SHARE, choose_plane
+
+    budget = int(cfg.resident_max_gb * 2**30)
+    if not use_gpu:
+        nodes = [n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")]
+        host = min((m for m in nodes if m > 0), default=0)
+        budget = min(budget, int(HOST_SHARE * host / cfg.workers))
+    choice = choose_plane(cfg.data_plane, ds.manifest, cfg.split, cfg.decode_on, budget)
+    log.info("data plane: %s (%s)", choice.mode, choice.reason)
+    return choice
+
+
+def _stream_plan(
+    cfg: PretrainConfig, ds: ImageDataset, plan: ItemPlan, spec: DecodeSpec, choice: PlaneChoice
+) -> DataPlan:
+    """The streaming plan: pair items written once into the run's item table, row groups
+    counted in tasks; each rank then reads and decodes its rows every epoch."""
+    import ray
+
+    from sepp_ray.train.dataplane import DataPlan, item_table, training_chunks
+    from sepp_ray.train.feed import FeedConfig
+    from sepp_ray.train.plan import total_rows
+
+    item_files = item_table(plan, ds, cfg.split, cfg.out, cfg.seed, cfg.max_item_table_gb)
+    exclude = ray.put(plan.exclude) if len(plan.exclude) else None
+    chunks = training_chunks(ds, plan, item_files, cfg.split, exclude)
+    steps_per_epoch, total_steps = _epoch_steps(cfg, total_rows(chunks))
+    return DataPlan(
+        chunks=chunks,
+        spec=replace(spec, exclude=exclude),
+        feed=FeedConfig(
+            local_batch=cfg.batch_size // cfg.workers,
+            buffer_rows=cfg.shuffle_buffer,
+            read_ahead=cfg.read_ahead,
+            task_cpus=cfg.decode_cpus,
+        ),
+        global_batch=cfg.batch_size,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        seed=cfg.seed,
+        choice=choice,
+    )
+
+
+def _resident_plan(
+    cfg: PretrainConfig, ds: ImageDataset, plan: ItemPlan, spec: DecodeSpec, choice: PlaneChoice
+) -> ResidentPlan:
+    """The resident plan: the split decoded once in tasks (the driver keeps their ObjectRefs),
+    pair items as ids that each rank turns into row indices; no item table is written."""
+    from sepp_ray.train.census import census
+    from sepp_ray.train.dataplane import image_files
+    from sepp_ray.train.resident import ResidentItems, ResidentPlan, decode_split, stored_shape
+
+    shape = stored_shape(ds.manifest)
+    assert shape is not None  # choose_plane made sure
+    chunks = census(image_files(ds), "images", cfg.split, None)
+    images = int(sum(c.rows for c in chunks))
+    items = ResidentItems.of(plan, cfg.pairs.max_positives)
+    steps_per_epoch, total_steps = _epoch_steps(cfg, items.count(images))
+    return ResidentPlan(
+        refs=decode_split(chunks, cfg.split, shape, cfg.decode_cpus),
+        shape=shape,
+        images=images,
+        items=items,
+        global_batch=cfg.batch_size,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        seed=cfg.seed,
+        choice=choice,
+    )
 
 
 def _check_decode_cpus(cfg: PretrainConfig) -> None:

@@ -1,22 +1,27 @@
 """Feeding one rank: read its slices in parallel CPU tasks, decode, mix, cut into batches.
 
 Each slice (a part of one row group, `sepp_ray.train.plan`) is read and decoded by a Ray task
-scheduled on the rank's node, several ahead of the trainer; results arrive in plan order and go
-through a seeded shuffle buffer, so for a given (seed, epoch, rank) the batches are the same on
-every run. Rows of one multi-positive group (an anchor and its positives, stored together in the
-pair-item table) move through the buffer as one unit, so they land in the same batch.
+scheduled on the rank's node, several ahead of the trainer (by default as many as the node has
+spare CPUs); at small image sizes one task reads several consecutive slices, so its fixed cost
+is spread over more rows. Results arrive in plan order, one block per slice, and go through a
+seeded shuffle buffer (`sepp_ray.train.shuffle`), so for a given (seed, epoch, rank) the batches
+are the same on every run, whatever the read-ahead. Rows of one multi-positive group (an anchor
+and its positives, stored together in the pair-item table) move through the buffer as one unit,
+so they land in the same batch. A `RankFeed` runs one pipeline of reads over all the epochs of a
+run: the next epoch's reads are in flight while this epoch's last batches are consumed.
 
 Decoding itself is `sepp_ray.train.decode`.
 """
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -25,142 +30,79 @@ import pyarrow.parquet as pq
 from sepp_ray.errors import SeppError
 from sepp_ray.storage import filesystem
 from sepp_ray.train.census import row_filter
-from sepp_ray.train.decode import Batch, CropSpec, DecodeSpec, decode_on_device, decode_rows
-
-__all__ = ["Batch", "CropSpec", "DecodeSpec", "decode_on_device", "decode_rows"]
+from sepp_ray.train.decode import (
+    Batch,
+    CropSpec,
+    DecodeSpec,
+    decode_on_device,
+    decode_parts,
+    decode_rows,
+)
 from sepp_ray.train.plan import Slice
+from sepp_ray.train.shuffle import ShuffleBuffer, pack, unit_order, units_of
+
+__all__ = [
+    "Batch",
+    "CropSpec",
+    "DecodeSpec",
+    "ShuffleBuffer",
+    "decode_on_device",
+    "decode_rows",
+    "pack",
+    "units_of",
+]
+T = TypeVar("T")
+TASK_BYTES = 8 * 2**20  # decoded output a read task aims for (several slices of small images)
+IN_FLIGHT_BYTES = 2**30  # decoded output in flight per rank, at most
+MAX_READ_AHEAD = 64
+# the columns decoding reads (never `key`, nor the item table's `kind`)
+COLUMNS = ("id", "item_id", "image", "image2", "label", "split", "group", "pos_ids")
+ITEM_IDS = ("image_id", "image2_id")
 
 
-def read_slice(part: Slice, spec: DecodeSpec, seed: int, epoch: int) -> Batch:
-    """Read one slice's rows (its row group, filtered as the census counted) and decode them,
-    with crops drawn from a generator seeded by (seed, epoch, file, row group, start)."""
+def _slice_table(
+    part: Slice, spec: DecodeSpec, seed: int, epoch: int, exclude: np.ndarray | None
+) -> tuple[pa.Table, np.random.Generator]:
+    """One slice's rows (its row group, filtered as the census counted, in a fresh order every
+    epoch that is the same for every rank, groups kept together: ranks sharing a row group take
+    disjoint rows) and the generator of its crops, seeded by (seed, epoch, file, row group,
+    start)."""
+    c = part.chunk
+    fs, path = filesystem(c.uri)
+    with fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        names = pf.schema_arrow.names
+        wanted = [x for x in (*COLUMNS, *ITEM_IDS) if x in names]
+        table = pf.read_row_group(c.row_group, columns=wanted)
+    if c.table == "images":
+        keep = np.flatnonzero(row_filter(table, spec.split, exclude))
+    else:
+        keep = np.arange(table.num_rows)
+    if len(keep) != c.rows:
+        raise SeppError(
+            f"{c.uri} row group {c.row_group} holds {len(keep)} training rows, the plan "
+            f"counted {c.rows}: the data changed under a running job"
+        )
+    key = [seed, epoch, zlib.crc32(c.uri.encode()), c.row_group]
+    group = table["group"].to_numpy()[keep] if "group" in names else np.full(len(keep), -1)
+    order = unit_order(group, np.random.default_rng([*key, 1]))
+    rows = keep[order[part.start : part.stop]]
+    return table.take(pa.array(rows)), np.random.default_rng([*key, 2, part.start])
+
+
+def read_slices(parts: list[Slice], spec: DecodeSpec, seed: int, epoch: int) -> Batch:
+    """Read consecutive slices and decode them into one batch (rows in slice order)."""
     exclude = spec.exclude
     if exclude is not None and not isinstance(exclude, np.ndarray):
         import ray
 
         exclude = ray.get(exclude)
-    c = part.chunk
-    fs, path = filesystem(c.uri)
-    with fs.open(path, "rb") as f:
-        pf = pq.ParquetFile(f)
-        wanted = [x for x in pf.schema_arrow.names if x not in ("key",)]
-        table = pf.read_row_group(c.row_group, columns=wanted)
-    if c.table == "images":
-        table = table.filter(pa.array(row_filter(table, spec.split, exclude)))
-    # a fresh order inside the row group every epoch, the same for every rank (so ranks that
-    # share a row group take disjoint rows), groups kept together
-    key = [seed, epoch, zlib.crc32(c.uri.encode()), c.row_group]
-    group = (
-        table["group"].to_numpy() if "group" in table.column_names else np.full(table.num_rows, -1)
-    )
-    table = table.take(pa.array(unit_order(group, np.random.default_rng([*key, 1]))))
-    if table.num_rows != c.rows:
-        raise SeppError(
-            f"{c.uri} row group {c.row_group} holds {table.num_rows} training rows, the plan "
-            f"counted {c.rows}: the data changed under a running job"
-        )
-    table = table.slice(part.start, part.rows)
-    rng = np.random.default_rng([*key, 2, part.start])
-    return decode_rows(table, spec, rng)
+    return decode_parts([_slice_table(p, spec, seed, epoch, exclude) for p in parts], spec)
 
 
-def concat(batches: list[Batch]) -> Batch:
-    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
-
-
-def take(batch: Batch, index: np.ndarray) -> Batch:
-    return {k: v[index] for k, v in batch.items()}
-
-
-def units_of(group: np.ndarray) -> list[np.ndarray]:
-    """Row indices of each unit: a run of rows of one group (group >= 0), or a single row."""
-    n = len(group)
-    if n == 0:
-        return []
-    starts = np.ones(n, bool)
-    starts[1:] = (group[1:] != group[:-1]) | (group[1:] < 0)
-    return np.split(np.arange(n), np.flatnonzero(starts)[1:])
-
-
-def unit_order(group: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A random row order that keeps each run of rows of one group (group >= 0) together."""
-    units = units_of(group)
-    if not units:
-        return np.zeros(0, np.int64)
-    return np.concatenate([units[i] for i in rng.permutation(len(units))])
-
-
-def pack(units: list[np.ndarray], batch: int, n_batches: int) -> tuple[list[np.ndarray], list[int]]:
-    """Cut ``n_batches`` batches of exactly ``batch`` rows from units in their given order,
-    never splitting a group while single rows can fill the gap (a group split over two batches
-    loses the positives it was grouped for). Returns the batches and the unused units."""
-    groups_ = [i for i, u in enumerate(units) if len(u) > 1]
-    singles = [i for i, u in enumerate(units) if len(u) == 1]
-    gi = si = 0
-    out: list[np.ndarray] = []
-    spill: list[int] = []  # rows of a unit split by the fallback, first in the next batch
-    for _ in range(n_batches):
-        parts: list[int] = spill[:batch]
-        spill = spill[batch:]
-        while len(parts) < batch and gi < len(groups_):
-            u = units[groups_[gi]]
-            if len(parts) + len(u) > batch and si < len(singles):
-                break
-            take = batch - len(parts)
-            parts.extend(u[:take].tolist())
-            spill.extend(u[take:].tolist())
-            gi += 1
-        while len(parts) < batch and si < len(singles):
-            parts.append(int(units[singles[si]][0]))
-            si += 1
-        while len(parts) < batch and gi < len(groups_):  # no singles left: split a group
-            u = units[groups_[gi]]
-            take = batch - len(parts)
-            parts.extend(u[:take].tolist())
-            spill.extend(u[take:].tolist())
-            gi += 1
-        out.append(np.asarray(parts, np.int64))
-    rest = spill + [r for i in groups_[gi:] for r in units[i].tolist()]
-    rest += [int(units[i][0]) for i in singles[si:]]
-    return out, rest
-
-
-class ShuffleBuffer:
-    """Seeded mixing of a stream of row blocks into fixed-size batches.
-
-    Blocks are pooled until ``capacity`` rows; the pool's units are then put in a random order
-    and packed into batches (`pack`), half the pool staying to mix with what comes next.
-    """
-
-    def __init__(self, batch: int, capacity: int, rng: np.random.Generator) -> None:
-        self.batch = batch
-        self.capacity = max(capacity, batch)
-        self.rng = rng
-        self.pool: list[Batch] = []
-        self.rows = 0
-
-    def _mix(self, final: bool) -> Iterator[Batch]:
-        merged = concat(self.pool)
-        units = units_of(merged["group"])
-        units = [units[i] for i in self.rng.permutation(len(units))]
-        keep = 0 if final else self.capacity // 2
-        n_out = (self.rows - keep) // self.batch
-        batches, rest = pack(units, self.batch, n_out)
-        for idx in batches:
-            yield take(merged, idx)
-        self.pool = [take(merged, np.asarray(rest, np.int64))] if rest else []
-        self.rows = len(rest)
-
-    def push(self, block: Batch) -> Iterator[Batch]:
-        if len(block["id"]):
-            self.pool.append(block)
-            self.rows += len(block["id"])
-        if self.rows >= self.capacity + self.batch:
-            yield from self._mix(final=False)
-
-    def flush(self) -> Iterator[Batch]:
-        if self.rows:
-            yield from self._mix(final=True)
+def read_slice(part: Slice, spec: DecodeSpec, seed: int, epoch: int) -> Batch:
+    """One slice's rows, decoded (see `read_slices`)."""
+    return read_slices([part], spec, seed, epoch)
 
 
 @dataclass(frozen=True)
@@ -170,50 +112,177 @@ class FeedConfig:
     local_batch: int
     buffer_rows: int = 4096  # shuffle buffer (rows); capped by buffer_bytes
     buffer_bytes: int = 512 * 2**20
-    read_ahead: int = 8  # slices being read and decoded at once (Ray tasks)
+    read_ahead: int | None = None  # read tasks in flight; None or 0: the node's spare CPUs
     prefetch_batches: int = 2  # batches assembled ahead of the trainer (a thread)
     task_cpus: float = 1.0
 
 
-def _remote_reader(cpus: float) -> Any:
-    import ray
-
-    return ray.remote(num_cpus=cpus)(read_slice)
-
-
 def _buffer_rows(cfg: FeedConfig, spec: DecodeSpec) -> int:
-    side = max(spec.size, spec.view1.size if spec.view1 else 0)
-    per_row = 2 * side * side * 3 + spec.n_local * (spec.local.size if spec.local else 0) ** 2 * 3
+    per_row = spec.row_bytes()
     return max(cfg.local_batch, min(cfg.buffer_rows, cfg.buffer_bytes // max(per_row, 1)))
 
 
-def iter_slices(
-    slices: list[Slice], spec: DecodeSpec, seed: int, epoch: int, cfg: FeedConfig, use_ray: bool
-) -> Iterator[Batch]:
-    """Decoded slices in plan order; with Ray, ``read_ahead`` tasks run ahead on this node."""
-    if not use_ray:
-        for s in slices:
-            yield read_slice(s, spec, seed, epoch)
-        return
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+def task_groups(slices: list[Slice], spec: DecodeSpec) -> list[list[Slice]]:
+    """Consecutive slices read by one task: about `TASK_BYTES` of decoded rows each."""
+    target = max(1, TASK_BYTES // max(spec.row_bytes(), 1))
+    out: list[list[Slice]] = []
+    rows = target
+    for s in slices:
+        if rows >= target:
+            out.append([])
+            rows = 0
+        out[-1].append(s)
+        rows += s.rows
+    return out
 
-    node = ray.get_runtime_context().get_node_id()
-    task = _remote_reader(cfg.task_cpus).options(
-        scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True)
-    )
-    pending: list[Any] = []
-    it = iter(slices)
-    for s in it:
-        pending.append(task.remote(s, spec, seed, epoch))
-        if len(pending) >= cfg.read_ahead:
-            break
-    while pending:
-        ref = pending.pop(0)
-        nxt = next(it, None)
-        if nxt is not None:
-            pending.append(task.remote(nxt, spec, seed, epoch))
-        yield ray.get(ref)
+
+def node_spare_cpus() -> float:
+    """CPUs free for tasks on this node now (Ray's accounting; the cluster's when the per-node
+    view is not available)."""
+    import ray
+
+    try:
+        from ray._private.state import available_resources_per_node
+
+        node = ray.get_runtime_context().get_node_id()
+        return float(available_resources_per_node()[node].get("CPU", 0.0))
+    except Exception:  # a private API: fall back to the cluster-wide figure
+        return float(ray.available_resources().get("CPU", 0.0))
+
+
+def auto_read_ahead(spare_cpus: float, task_cpus: float, task_bytes: int) -> int:
+    """Tasks in flight: one per spare CPU plus two queued (the next one starts the moment one
+    finishes), at least 2, at most `MAX_READ_AHEAD` and `IN_FLIGHT_BYTES` of decoded rows."""
+    by_cpu = int(spare_cpus // max(task_cpus, 1e-3)) + 2
+    by_bytes = max(2, IN_FLIGHT_BYTES // max(task_bytes, 1))
+    return int(np.clip(by_cpu, 2, min(MAX_READ_AHEAD, by_bytes)))
+
+
+@dataclass(frozen=True)
+class EpochPart:
+    """One epoch of one rank: its slices, in plan order, and the steps they make."""
+
+    epoch: int
+    slices: list[Slice]
+    steps: int
+
+
+def _reads(parts: Iterable[EpochPart], spec: DecodeSpec) -> Iterator[tuple[int, list[Slice]]]:
+    """(epoch, slices of one task) over all epochs; (epoch, []) marks each epoch's end."""
+    for p in parts:
+        for group in task_groups(p.slices, spec):
+            yield p.epoch, group
+        yield p.epoch, []
+
+
+def _split(block: Batch, group: list[Slice]) -> Iterator[Batch]:
+    """A task's block as one view per slice (no copy): the buffer then sees the same blocks
+    however slices were grouped into tasks."""
+    at = 0
+    for s in group:
+        yield {k: v[at : at + s.rows] for k, v in block.items()}
+        at += s.rows
+
+
+class _Reader:
+    """Decoded slice blocks in plan order over all epochs, ``read_ahead`` tasks in flight
+    across epoch boundaries; (epoch, None) at each epoch's end."""
+
+    def __init__(self, spec: DecodeSpec, seed: int, cfg: FeedConfig, use_ray: bool) -> None:
+        self.spec, self.seed, self.cfg, self.use_ray = spec, seed, cfg, use_ray
+        self.read_ahead = cfg.read_ahead or 0
+
+    def blocks(self, parts: Iterable[EpochPart]) -> Iterator[tuple[int, Batch | None]]:
+        reads = _reads(parts, self.spec)
+        if not self.use_ray:
+            for epoch, group in reads:
+                if not group:
+                    yield epoch, None
+                    continue
+                yield from ((epoch, b) for b in _split(self._read(group, epoch), group))
+            return
+        yield from self._remote(reads)
+
+    def _read(self, group: list[Slice], epoch: int) -> Batch:
+        return read_slices(group, self.spec, self.seed, epoch)
+
+    def _task(self, first: list[Slice]) -> Any:
+        """The remote reader; sizes the read-ahead first when it is automatic (a task's output
+        is what `task_groups` aims for, or more when one slice alone is larger)."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        node = ray.get_runtime_context().get_node_id()
+        if not self.read_ahead:
+            task_bytes = max(TASK_BYTES, sum(s.rows for s in first) * self.spec.row_bytes())
+            self.read_ahead = auto_read_ahead(node_spare_cpus(), self.cfg.task_cpus, task_bytes)
+        return ray.remote(num_cpus=self.cfg.task_cpus)(read_slices).options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True)
+        )
+
+    def _remote(
+        self, reads: Iterator[tuple[int, list[Slice]]]
+    ) -> Iterator[tuple[int, Batch | None]]:
+        import ray
+
+        head = next(reads, None)
+        if head is None:
+            return
+        task = self._task(head[1])
+        reads = itertools.chain([head], reads)
+        pending: list[tuple[int, list[Slice], Any]] = []
+        in_flight = 0
+
+        def submit() -> bool:
+            nxt = next(reads, None)
+            if nxt is None:
+                return False
+            epoch, group = nxt
+            ref = task.remote(group, self.spec, self.seed, epoch) if group else None
+            pending.append((epoch, group, ref))
+            return True
+
+        while in_flight < self.read_ahead and submit():
+            in_flight += pending[-1][2] is not None
+        while pending:
+            epoch, group, ref = pending.pop(0)
+            in_flight -= ref is not None
+            while in_flight < self.read_ahead and submit():
+                in_flight += pending[-1][2] is not None
+            if ref is None:
+                yield epoch, None
+                continue
+            yield from ((epoch, b) for b in _split(ray.get(ref), group))
+
+
+def _mixed(
+    blocks: Iterator[tuple[int, Batch | None]],
+    spec: DecodeSpec,
+    cfg: FeedConfig,
+    seed: int,
+    rank: int,
+) -> Iterator[tuple[int, Batch | None]]:
+    """Each epoch's blocks through its own seeded shuffle buffer: (epoch, batch), and
+    (epoch, None) after an epoch's last batch."""
+    buf: ShuffleBuffer | None = None
+    for epoch, block in blocks:
+        if buf is None:
+            rng = np.random.default_rng([seed, epoch, rank, 7])
+            buf = ShuffleBuffer(cfg.local_batch, _buffer_rows(cfg, spec), rng)
+        if block is None:
+            yield from ((epoch, b) for b in buf.flush())
+            yield epoch, None
+            buf = None
+        else:
+            yield from ((epoch, b) for b in buf.push(block))
+
+
+def _checked(parts: Iterable[EpochPart], local_batch: int, rank: int) -> Iterator[EpochPart]:
+    for p in parts:
+        have, want = sum(s.rows for s in p.slices), p.steps * local_batch
+        if have != want:
+            raise SeppError(f"rank {rank} was planned {have} rows for {p.steps} steps of {want}")
+        yield p
 
 
 def rank_batches(
@@ -227,33 +296,79 @@ def rank_batches(
     use_ray: bool = True,
 ) -> Iterator[Batch]:
     """Exactly ``steps`` batches of ``cfg.local_batch`` rows for this rank and epoch."""
-    want = steps * cfg.local_batch
-    have = sum(s.rows for s in slices)
-    if have != want:
-        raise SeppError(f"rank {rank} was planned {have} rows for {steps} steps of {want}")
-    buf = ShuffleBuffer(
-        cfg.local_batch, _buffer_rows(cfg, spec), np.random.default_rng([seed, epoch, rank, 7])
-    )
-    for block in iter_slices(slices, spec, seed, epoch, cfg, use_ray):
-        yield from buf.push(block)
-    yield from buf.flush()
+    parts = _checked([EpochPart(epoch, slices, steps)], cfg.local_batch, rank)
+    blocks = _Reader(spec, seed, cfg, use_ray).blocks(parts)
+    for _, batch in _mixed(blocks, spec, cfg, seed, rank):
+        if batch is not None:
+            yield batch
 
 
-def prefetched(batches: Iterator[Batch], depth: int) -> Iterator[Batch]:
-    """Run ``batches`` in a background thread, ``depth`` ahead (errors re-raised here)."""
+class RankFeed:
+    """One rank's batches over consecutive epochs, from one pipeline of read tasks.
+
+    ``epoch(e)`` gives exactly that epoch's batches of ``local_batch`` rows; call it for each
+    planned epoch in turn. Every epoch has its own shuffle buffer and seeded order, so batches
+    are a pure function of (seed, epoch, rank): only the timing crosses epochs.
+    """
+
+    def __init__(
+        self,
+        parts: Iterable[EpochPart],
+        spec: DecodeSpec,
+        cfg: FeedConfig,
+        seed: int,
+        rank: int,
+        use_ray: bool = True,
+    ) -> None:
+        self._stop = threading.Event()
+        self.reader = _Reader(spec, seed, cfg, use_ray)
+        blocks = self.reader.blocks(_checked(parts, cfg.local_batch, rank))
+        self._items = prefetched(
+            _mixed(blocks, spec, cfg, seed, rank), cfg.prefetch_batches, self._stop
+        )
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        """This epoch's batches; the reads of the next are under way before its end."""
+        for e, batch in self._items:
+            if e != epoch:
+                raise SeppError(f"the feed's next epoch is {e}, not {epoch}: read them in order")
+            if batch is None:
+                return
+            yield batch
+        raise SeppError(f"epoch {epoch} is past the feed's last planned epoch")
+
+    def close(self) -> None:
+        """Stop reading ahead (a run that ends before its planned last epoch)."""
+        self._stop.set()
+
+
+def prefetched(items: Iterator[T], depth: int, stop: threading.Event | None = None) -> Iterator[T]:
+    """Run ``items`` in a background thread, ``depth`` ahead (errors re-raised here); setting
+    ``stop`` ends the thread."""
     if depth <= 0:
-        yield from batches
+        yield from items
         return
     q: queue.Queue[Any] = queue.Queue(maxsize=depth)
     done = object()
+    halt = stop or threading.Event()
+
+    def put(x: Any) -> bool:
+        while not halt.is_set():
+            try:
+                q.put(x, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def work() -> None:
         try:
-            for b in batches:
-                q.put(b)
-            q.put(done)
+            for x in items:
+                if not put(x):
+                    return
+            put(done)
         except BaseException as e:  # handed to the consumer
-            q.put(e)
+            put(e)
 
     t = threading.Thread(target=work, daemon=True, name="sepp-feed")
     t.start()

@@ -168,9 +168,9 @@ METHOD_RECIPES: dict[str, OptimRecipe] = {
     ),
     # DINO (arXiv 2104.14294, sec. 4.1 and appendix): AdamW, lr 5e-4 x B/256 after 10 linear
     # warm-up epochs, cosine to 1e-6, weight decay cosine from 0.04 to 0.4, biases and norm
-    # layers not decayed, gradient clip 3.0. That is the ViT recipe the paper reports; for a
-    # ResNet the reference code suggests optimizer=sgd base_lr=0.03 weight_decay=1e-4. The
-    # reference clips each tensor's norm; here clipping is on the global norm.
+    # layers not decayed, gradient clip 3.0. That is the ViT recipe the paper reports; a ResNet
+    # backbone gets `DINO_RESNET` (`BACKBONE_RECIPES`). The reference clips each tensor's
+    # norm; here clipping is on the global norm.
     "dino": OptimRecipe(
         "adamw",
         5e-4,
@@ -190,8 +190,30 @@ METHOD_RECIPES: dict[str, OptimRecipe] = {
 }
 
 
-def method_recipe(method: str) -> OptimRecipe:
-    """The paper's recipe of `method`; SeppError naming the choices for an unknown one."""
+# DINO's ResNet-50 recipe (arXiv 2104.14294 table 2 reports its RN50; the settings are the
+# authors' ResNet-50 command in facebookresearch/dino's README): SGD momentum 0.9,
+# lr 0.03 x B/256, constant weight decay 1e-4, 10 warm-up epochs, cosine to 1e-6, gradient
+# clip 3.0 (main_dino.py's default). The README's crop scales (global 0.14-1, local
+# 0.05-0.14) belong to the augmentation recipe, not here.
+DINO_RESNET = OptimRecipe(
+    "sgd",
+    0.03,
+    weight_decay=1e-4,
+    grad_clip=3.0,
+    final_lr=1e-6,
+    source="DINO arXiv 2104.14294; the ResNet-50 command of facebookresearch/dino's README",
+)
+# (method, backbone family) -> a recipe that replaces the method's own; the family is a
+# substring of the backbone's name ("resnet": resnet18, resnet50, resnet18_cifar, ...)
+BACKBONE_RECIPES: dict[tuple[str, str], OptimRecipe] = {("dino", "resnet"): DINO_RESNET}
+
+
+def method_recipe(method: str, backbone: str = "") -> OptimRecipe:
+    """The paper's recipe of `method` (on `backbone` when the paper has one for its family,
+    `BACKBONE_RECIPES`); SeppError naming the choices for an unknown method."""
+    for (name, family), recipe in BACKBONE_RECIPES.items():
+        if name == method and family in backbone.lower():
+            return recipe
     if method not in METHOD_RECIPES:
         from sepp_ray.methods import list_methods
 
@@ -204,13 +226,16 @@ def method_recipe(method: str) -> OptimRecipe:
     return METHOD_RECIPES[method]
 
 
-def resolve_optim(method: str, overrides: Mapping[str, Any] | None = None) -> OptimRecipe:
-    """`method`'s recipe with each override that is not None applied (keys: `OVERRIDES`).
+def resolve_optim(
+    method: str, overrides: Mapping[str, Any] | None = None, backbone: str = ""
+) -> OptimRecipe:
+    """`method`'s recipe on `backbone` with each override that is not None applied (keys:
+    `OVERRIDES`).
 
     An explicit weight_decay without weight_decay_end is constant (it replaces a schedule);
     grad_clip=0 turns the method's clipping off. SeppError for an unknown key or a bad value.
     """
-    recipe = method_recipe(method)
+    recipe = method_recipe(method, backbone)
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
     unknown = sorted(set(given) - set(OVERRIDES))
     if unknown:
@@ -226,8 +251,9 @@ def resolve_optim(method: str, overrides: Mapping[str, Any] | None = None) -> Op
 
 def config_recipe(config: Mapping[str, Any]) -> OptimRecipe:
     """The recipe of a pretraining config given as a mapping (a PretrainConfig's fields): its
-    `method` with its `OVERRIDES` applied."""
-    return resolve_optim(config["method"], {k: config.get(k) for k in OVERRIDES})
+    `method` on its `backbone` with its `OVERRIDES` applied."""
+    overrides = {k: config.get(k) for k in OVERRIDES}
+    return resolve_optim(config["method"], overrides, str(config.get("backbone") or ""))
 
 
 def _check(r: OptimRecipe) -> None:
@@ -245,4 +271,9 @@ def _check(r: OptimRecipe) -> None:
 
 def recipe_table() -> list[dict[str, Any]]:
     """One row per method: the defaults as the README shows them."""
-    return [{"method": m, **METHOD_RECIPES[m].to_dict()} for m in sorted(METHOD_RECIPES)]
+    rows = [{"method": m, **METHOD_RECIPES[m].to_dict()} for m in sorted(METHOD_RECIPES)]
+    rows += [
+        {"method": f"{m} ({family})", **r.to_dict()}
+        for (m, family), r in sorted(BACKBONE_RECIPES.items())
+    ]
+    return rows

@@ -49,11 +49,18 @@ class Attempt:
 def _batch(trainer: Trainer, n: int, size: int) -> dict[str, Any]:
     rng = np.random.default_rng(n)
     img = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
-    batch: dict[str, Any] = {"image": img, "image2": img.copy(), "id": np.arange(n)}
+    ids = np.arange(n)
+    batch: dict[str, Any] = {
+        "image": img,
+        "image2": img.copy(),
+        "id": ids,
+        "view_ids": np.stack([ids, ids], 1),
+    }
     if trainer.method.needs_labels:
         batch["label"] = np.arange(n) % 2
     if trainer.cfg.pair_use != "none":
         batch["pos_ids"] = np.full((n, 1), -1, dtype=np.int64)
+        batch["group"] = np.full(n, -1, dtype=np.int64)
     return batch
 
 

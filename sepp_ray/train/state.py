@@ -2,7 +2,10 @@
 (usable at once by `sepp mine` and `sepp eval`) plus the training state to resume from.
 
 Layout under a run's output: ``checkpoints/epoch-00010/`` (manifest written last, so a crash
-mid-write leaves nothing that looks complete), the newest ``keep`` of them kept.
+mid-write leaves nothing that looks complete). ``checkpoints/`` is also Ray Train's run folder
+(`sepp_ray.train.ray_checkpoints`): Ray chooses which checkpoints to keep and holds its own
+files there (its run snapshot, a storage marker), which readers skip: only complete
+``epoch-NNNNN`` folders are checkpoints.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ def save_training_checkpoint(
     info: dict[str, Any],
     keep: int,
 ) -> str:
-    """Write epoch ``epoch``'s checkpoint (rank 0 only), then prune to the newest ``keep``."""
+    """Write epoch ``epoch``'s checkpoint (rank 0 only), then prune to the newest ``keep``
+    (0: prune nothing, as in a Ray Train run, where the run's ``CheckpointConfig`` prunes)."""
     buf = io.BytesIO()
     torch.save(state, buf)
     uri = checkpoint_uri(out_uri, epoch)

@@ -15,6 +15,7 @@ only (`sepp_ray.dist.host_checks`).
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Iterable
@@ -94,9 +95,18 @@ class LossModule(nn.Module):
         *,
         labels: Tensor | None = None,
         cancel_ids: Tensor | None = None,
+        view_ids: Tensor | None = None,
+        groups: Tensor | None = None,
     ) -> Tensor:
         loss, self.metrics = self.method.training_loss(
-            views, ids, pos_ids, epoch, labels=labels, cancel_ids=cancel_ids
+            views,
+            ids,
+            pos_ids,
+            epoch,
+            labels=labels,
+            cancel_ids=cancel_ids,
+            view_ids=view_ids,
+            groups=groups,
         )
         return loss
 
@@ -196,9 +206,11 @@ class Trainer:
 
         view1 is made from "image", view2 from "image2" (the semantic or curated positive of a
         pair item, the image itself for an original); multi-crop local views come from "image".
-        The third value holds the keyword inputs of `LossModule`: `pos_ids` (pair use
-        "attract") or `cancel_ids` ("cancel") from the batch's "pos_ids", and `labels` from
-        "label" for methods that need labels.
+        The third value holds the keyword inputs of `LossModule`: `view_ids` from "view_ids"
+        (B x 2: the image ids behind view 1 and view 2, so no view of an image is a negative
+        of the same image), `pos_ids` (pair use "attract") or `cancel_ids` ("cancel") from the
+        batch's "pos_ids" with `groups` from "group", and `labels` from "label" for methods
+        that need labels.
         """
         for key in ("image", "image2", "id"):
             if key not in batch:
@@ -219,7 +231,7 @@ class Trainer:
             views += [self.augment.one_view(image, recipe.local) for _ in range(recipe.n_local)]
         if self.channels_last:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-        extra: dict[str, Tensor] = {}
+        extra: dict[str, Tensor] = {"view_ids": self._view_ids(batch, ids.shape[0])}
         use = self.cfg.pair_use
         if use != "none":
             if "pos_ids" not in batch:
@@ -233,6 +245,7 @@ class Trainer:
                     f"pos_ids must be B x P (B={ids.shape[0]}), got {tuple(pos_ids.shape)}"
                 )
             extra["pos_ids" if use == "attract" else "cancel_ids"] = pos_ids
+            extra["groups"] = self._groups(batch, ids.shape[0])
         if self.method.needs_labels:
             if "label" not in batch:
                 raise SeppError(
@@ -245,6 +258,31 @@ class Trainer:
             extra["labels"] = labels
         return views, ids, extra
 
+    def _view_ids(self, batch: dict[str, Any], n: int) -> Tensor:
+        """B x 2 int64 image ids behind each item's two views, on the device."""
+        if "view_ids" not in batch:
+            raise SeppError(
+                f"training batch has no 'view_ids' column (it has {sorted(batch)}): the items "
+                "must name the image ids behind their two views; rebuild the run's item table "
+                "and feed with this version (re-run `sepp pretrain` into a fresh output)"
+            )
+        view_ids = _as_device_tensor(batch["view_ids"], self.device).long()  # B x 2
+        if view_ids.shape != (n, 2):
+            raise SeppError(f"view_ids must be B x 2 (B={n}), got {tuple(view_ids.shape)}")
+        return view_ids
+
+    def _groups(self, batch: dict[str, Any], n: int) -> Tensor:
+        """B int64 group ids (-1 = none): the items of one group are one class of the batch."""
+        if "group" not in batch:
+            raise SeppError(
+                f"pair_use is {self.cfg.pair_use!r} but the batch has no 'group' column (it has "
+                f"{sorted(batch)}): rebuild the run's item table with this version"
+            )
+        groups = _as_device_tensor(batch["group"], self.device).long()  # B
+        if groups.shape != (n,):
+            raise SeppError(f"group must be B={n} ints, got {tuple(groups.shape)}")
+        return groups
+
     def train_step(self, batch: dict[str, Any], epoch: int, step: int) -> Metrics:
         """One optimiser step on `batch` at 0-based global `step`, without a host sync.
 
@@ -252,7 +290,11 @@ class Trainer:
         `loss` (this rank's, detached, on the device) and `lr`: reading a tensor of them waits
         for the device, so read `read_metrics()` once per logging interval instead. The first
         step runs the input checks that need a sync or an extra collective; later steps must
-        keep its batch size (ranks gather equal shapes), SeppError otherwise.
+        keep its batch size (ranks gather equal shapes), SeppError otherwise. Every method's
+        metrics hold `same_image_negatives` ((query, key) pairs sharing an image yet left among
+        the negatives: 0 proves the image mask) and `pairs_used` (mined pairs attracted or
+        cancelled), counted per step on this rank's queries; `read_metrics` averages them over
+        steps and ranks, so times the world size they are per global step.
         """
         n = len(batch["id"]) if "id" in batch else -1
         first = self._batch_size is None
@@ -270,6 +312,9 @@ class Trainer:
                 loss = self.model(views, ids, epoch=epoch, **extra)
         self._batch_size = n
         metrics: Metrics = {**self.loss_module.metrics, "loss": loss.detach(), "lr": lr}
+        if "view_ids" in extra:  # pair items (semantic, curated, augmentation) in this batch:
+            # an item whose id is not the image id of its first view
+            metrics["pair_items"] = (ids != extra["view_ids"][:, 0]).sum().float()
         self._accumulate(metrics, step)
         loss.backward()
         self.method.on_before_optimizer_step(epoch)
@@ -356,6 +401,9 @@ def train_epoch(
     epoch: int,
     start_step: int,
     log_every: int = 0,
+    *,
+    reference_steps: int = 0,
+    max_steps: int | None = None,
 ) -> dict[str, float]:
     """Run `trainer.train_step` over `batches`, global steps start_step, start_step + 1, ...
 
@@ -364,9 +412,18 @@ def train_epoch(
     the epoch's means, `lr` of the last step, `steps`, `pairs_per_s` (items of this rank per
     second of wall time, data loading included, GPU synchronised at both ends), `last_step` and
     `next_step`. NonFiniteLossError from the read that saw a non-finite loss.
+
+    reference_steps: the plain run's epoch in steps (`sepp_ray.train.schedule`); the method
+    then reads epoch = step // reference_steps, the same at one step in every arm (0: `epoch`).
+    max_steps: stop after this many steps, at a step boundary; given an iterator, the next call
+    goes on with the next batch of the same epoch, in the same order (reports at fixed steps).
     """
     if log_every < 0:
         raise SeppError(f"log_every must be >= 0 (0 = once per epoch), got {log_every}")
+    if max_steps is not None and max_steps < 1:
+        raise SeppError(f"max_steps must be >= 1 or None, got {max_steps}")
+    if max_steps is not None:
+        batches = itertools.islice(batches, max_steps)  # takes no batch past the last step
     _sync(trainer.device)
     start = time.perf_counter()
     sums: dict[str, float] = {}
@@ -382,7 +439,8 @@ def train_epoch(
                 sums[k] = sums.get(k, 0.0) + v * n
 
     for batch in batches:
-        trainer.train_step(batch, epoch, start_step + steps)
+        step = start_step + steps
+        trainer.train_step(batch, step // reference_steps if reference_steps else epoch, step)
         items += len(batch["id"])
         steps += 1
         if log_every and steps % log_every == 0:

@@ -1,10 +1,10 @@
 """What a sweep leaves behind: one row per trial, their evaluation, a table and two plots.
 
-A trial's row joins three sources: Tune's per-epoch results (what ASHA saw), the trial's own
-pretraining output (its newest checkpoint, also for a trial ASHA stopped) and the mined pairs
-it trained with (count and pair precision). Trials are ranked, and the plots drawn, on what
-ASHA read: the kNN monitor on the validation split. Test accuracies are those of one
-``sepp eval`` over every trial's newest checkpoint, read once at the end and never used to
+A trial's row joins three sources: Tune's results at fixed optimizer steps (what ASHA saw),
+the trial's own pretraining output (its newest checkpoint, also for a trial ASHA stopped) and
+the mined pairs it trained with (count and pair precision). Trials are ranked, and the plots
+drawn, on what ASHA read: the kNN monitor on the validation split. Test accuracies are those of
+one ``sepp eval`` over every trial's newest checkpoint, read once at the end and never used to
 choose: all trials are judged by the same protocol in one table.
 """
 
@@ -35,7 +35,8 @@ def _num(v: Any) -> Any:
 
 
 def _history(result: Any, metric: str) -> list[dict[str, Any]]:
-    """Tune's per-epoch results of a trial: the learning curve and the metric ASHA saw."""
+    """Tune's results of a trial (one per report, at fixed steps): the learning curve and
+    the metric ASHA saw."""
     df = result.metrics_dataframe
     if df is None or "epoch" not in df:
         return []
@@ -56,12 +57,9 @@ def collect_rows(
         cfg, mcfg = trial_pretrain(ctx, params), mining_for(ctx.mining, params)
         out, plan = trial_out(ctx, cfg), trial_plan(ctx, cfg)
         history = _history(result, ctx.metric)
-        done = complete(out)
-        run = max([int(h["epoch"]) for h in history if h.get("epoch")] or [0])
-        planned = plan["epochs"]
-        if done is not None:
-            planned = int(done.get("epochs_run", done["epochs"]))
-            run = max(run, planned)
+        steps, planned = _progress(history, plan, complete(out))
+        finished = steps >= plan["total_steps"]
+        run = planned if finished else steps // plan["steps_per_epoch"]  # whole epochs done
         # the newest checkpoint the trial reached by its last result (what ASHA judged)
         ckpts = [u for e, u in list_checkpoints(out) if e <= run]
         pairs = mined.get(cfg.pairs.pairs or "", {})
@@ -72,7 +70,7 @@ def collect_rows(
         rows.append(
             {
                 "trial": posixpath.basename(str(result.path).rstrip("/")),
-                "status": "error" if err else ("done" if run >= planned else "stopped"),
+                "status": "error" if err else ("done" if finished else "stopped"),
                 "error": f"{type(err).__name__}: {err}" if err else None,
                 "lo": mcfg.lo,
                 "hi": mcfg.hi,
@@ -87,7 +85,8 @@ def collect_rows(
                 "precision": (pairs.get("precision") or {}).get("overall"),
                 "epochs": planned,
                 "epochs_run": run,
-                "stopped_early": run < planned,
+                "steps_run": steps,
+                "stopped_early": not finished,
                 "total_steps": plan["total_steps"],
                 "monitor_top1": monitor[-1] if monitor else None,
                 "selection": selection[-1] if selection else None,
@@ -100,6 +99,18 @@ def collect_rows(
             }
         )
     return sorted(rows, key=lambda r: r["trial"])
+
+
+def _progress(
+    history: list[dict[str, Any]], plan: dict[str, int], done: dict[str, Any] | None
+) -> tuple[int, int]:
+    """(optimizer steps the trial reported, epochs it plans): a finished run's manifest says
+    it ran all its steps; otherwise the last step Tune saw (what ASHA judged)."""
+    steps = max([int(h["step"]) for h in history if h.get("step")] or [0])
+    if done is None:
+        return steps, plan["epochs"]
+    total = int(done.get("total_steps", plan["total_steps"]))
+    return max(steps, total), int(done.get("epochs_run", done["epochs"]))
 
 
 def fill_eval(rows: list[dict[str, Any]], heads: dict[str, dict[str, float]]) -> None:
@@ -161,8 +172,8 @@ def summary_markdown(rows: list[dict[str, Any]], c: Any, experiment: str) -> str
         + " | ".join(PARAMS)
         + f" | pairs | pair precision | {split} kNN top-1 | "
         + "".join(f"{col} | " for col in cols)
-        + "epochs run | stopped early |",
-        "|---" * (len(PARAMS) + 6 + len(cols)) + "|",
+        + "epochs run | optimizer steps | stopped early |",
+        "|---" * (len(PARAMS) + 7 + len(cols)) + "|",
     ]
     for r in best:
         cells = [_cell(r[p]) for p in PARAMS]
@@ -171,7 +182,8 @@ def summary_markdown(rows: list[dict[str, Any]], c: Any, experiment: str) -> str
             f"| {r['trial']} | " + " | ".join(cells) + f" | {_cell(r['pairs'])} | "
             f"{_pct(r['precision'])} | {_pct(r['monitor_top1'])} | "
             + "".join(f"{e} | " for e in evals)
-            + f"{r['epochs_run']}/{r['epochs']} | {'yes' if r['stopped_early'] else 'no'} |"
+            + f"{r['epochs_run']}/{r['epochs']} | {r['steps_run']}/{r['total_steps']} | "
+            + f"{'yes' if r['stopped_early'] else 'no'} |"
         )
     errors = [r for r in rows if r["error"]]
     if errors:

@@ -108,7 +108,9 @@ def mining_for(base: MineConfig, params: dict[str, Any]) -> MineConfig:
 
 
 def trial_pretrain(ctx: TrialContext, params: dict[str, Any]) -> PretrainConfig:
-    """The pretraining config of one trial (``out`` left empty; see ``trial_out``)."""
+    """The pretraining config of one trial (``out`` left empty; see ``trial_out``). It reports
+    every plain-run epoch of optimizer steps, whatever its own epoch's length, so ASHA and the
+    ranking compare trials at equal steps (``report_steps``)."""
     hparams = dict(ctx.base.hparams)
     if "temperature" in params:
         hparams["temperature"] = params["temperature"]
@@ -122,7 +124,14 @@ def trial_pretrain(ctx: TrialContext, params: dict[str, Any]) -> PretrainConfig:
         overwrite=False,
         pairs=PairsConfig(pairs=ctx.pairs.get(pairs_key), mode=ctx.pairs_mode),
         budget_steps=ctx.budget,
+        report_every_steps=report_steps(ctx),
     )
+
+
+def report_steps(ctx: TrialContext) -> int:
+    """Every trial's report interval: the plain run's epoch in optimizer steps (the training
+    split's images // batch), the unit of ASHA's grace period."""
+    return max(1, ctx.n_train // ctx.base.batch_size)
 
 
 def trial_plan(ctx: TrialContext, cfg: PretrainConfig) -> dict[str, int]:

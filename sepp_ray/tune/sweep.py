@@ -4,8 +4,9 @@ The driver ingests (or reuses) the data, bootstraps (or takes) one sampler and m
 of every distinct (lo, hi, K) up front, each into ``OUT/pairs-<hash>``: trials that share a
 sampler config share one mining, and no two trials race to write it. Tune then runs one trial
 per grid point (x ``num_samples`` seeds); each trial launches a Ray Train pretraining run into
-``OUT/trials/trial-<hash>`` whose per-epoch metrics reach Tune through a Ray Train callback
-(see ``sepp_ray.tune.trial``), so ASHA (arXiv 1810.05934) stops weak trials on the kNN monitor.
+``OUT/trials/trial-<hash>`` whose metrics reach Tune through a Ray Train callback (see
+``sepp_ray.tune.trial``) every plain-run epoch of optimizer steps, whatever the trial's own epoch
+length, so ASHA (arXiv 1810.05934) stops weak trials on the kNN monitor at equal steps.
 Selection reads validation only: the monitor queries ``pretrain.monitor_split`` ("val", carved
 from train at ingest), never test, and ranks the trials; the test split is read once, by the
 final evaluation. Every trial takes the plain run's optimizer steps (``equal_compute``), so
@@ -55,6 +56,7 @@ from sepp_ray.tune.space import (
     axes,
     grid,
     mining_for,
+    report_steps,
     trial_plan,
     trial_pretrain,
 )
@@ -119,8 +121,8 @@ def _check_monitor(c: SweepConfig, data: dict[str, Any]) -> None:
         )
     if c.pretrain.knn_every > c.grace_period:
         log.warning(
-            "pretrain.knn_every=%d > grace_period=%d: ASHA only decides at epochs with a kNN "
-            "monitor result",
+            "pretrain.knn_every=%d > grace_period=%d: ASHA only decides at reports (one per "
+            "plain-run epoch of steps) with a kNN monitor result",
             c.pretrain.knn_every,
             c.grace_period,
         )
@@ -257,8 +259,8 @@ def run_sweep(c: SweepConfig) -> dict[str, Any]:
         n_train=split_size(data, p.split),
     )
     plans = [trial_plan(ctx, trial_pretrain(ctx, t)) for t in grid(ax)]
-    plain_spe = max(1, ctx.n_train // p.batch_size)
-    clock = (max(x["total_steps"] for x in plans), c.grace_period * plain_spe)
+    # trials report every plain epoch of steps: the grace period falls on a report of each
+    clock = (max(x["total_steps"] for x in plans), c.grace_period * report_steps(ctx))
     name = "sweep-" + stage_hash(
         {
             "data": data_fp,
@@ -296,6 +298,7 @@ def run_sweep(c: SweepConfig) -> dict[str, Any]:
                 "max_t": clock[0],
                 "grace_period": clock[1],
                 "grace_period_epochs": c.grace_period,
+                "report_every_steps": report_steps(ctx),
                 "reduction_factor": c.reduction_factor,
                 "metric": c.metric,
                 "mode": c.mode,

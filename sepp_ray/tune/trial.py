@@ -1,14 +1,23 @@
 """One sweep trial: a Tune Trainable that launches a Ray Train pretraining run.
 
 Why a class and not a function trainable with Tune's ``TuneReportCallback``: when ASHA stops a
-trial, Tune ends the trial's actor, and a Ray Train run killed that way leaves its placement
-group reserved until the sweep's driver exits (Ray Train relies on the State API to clean up,
-which a cluster without a dashboard lacks), so stopped trials would starve the next ones of
-CPUs or GPUs. Here the trial's ``cleanup`` aborts the run through its controller, which frees
-the workers and their placement group, and a run past its last epoch is left to finish and
-write its manifest. Each epoch's metrics reach Tune through ``_Forward``: a Ray Train callback
-in the run's controller that puts them on a queue the trial's ``step`` reads. Each result
-carries ``step``, the optimizer steps done, ASHA's clock (``space.trial_plan``).
+trial, Tune ends the trial's actor, and a Ray Train run killed that way can leave its placement
+group reserved until the sweep's driver exits (ray#54305), starving the next trials of CPUs or
+GPUs. Ray 2.60 frees it through a detached ``PlacementGroupCleaner`` that polls the State API,
+which works only where that API answers. Re-tested on Ray 2.60.0 (a function trainable running
+a 1-worker TorchTrainer, stopped by Tune after 3 reports; the worker's 1-CPU group watched for
+60 s after the stop): with the dashboard up and its address known, the group was removed within
+2 s; with no dashboard (a plain ``pip install ray``), and on a host running several Ray clusters
+(the State API then refuses to pick one), it stayed reserved for the whole 60 s. So the
+workaround stays: the trial's ``cleanup`` ends a stopped run through public API only, which
+frees its workers and placement group wherever it runs, and a run past its last step is left
+to finish and write its manifest. Each report's metrics reach Tune through ``_Forward``: a Ray
+Train callback in the run's controller that hands them to the trial's ``step`` and waits for
+Tune's verdict; told to stop, it raises `RunStopped`, which Ray Train treats as a failed run
+and shuts down (workers and placement group released), with no retry. A trial's run
+reports every plain-run epoch of optimizer steps and at its end (``report_every_steps``), and
+each result carries ``step``, the optimizer steps done, ASHA's clock: trials whose epochs differ
+in length (K and the thresholds change the pair items) are judged at the same steps.
 """
 
 from __future__ import annotations
@@ -18,30 +27,36 @@ import threading
 from typing import Any
 
 from ray import tune
-from ray.train.v2.api.callback import UserCallback
+from ray.train import UserCallback
 from ray.util.queue import Empty, Queue
 
 from sepp_ray.tune.space import TrialContext, trial_out, trial_plan, trial_pretrain
 
 
-class _Forward(UserCallback):
-    """Runs in the Train controller: rank 0's metrics of each report go to the trial, with
-    the controller's handle, so the trial can abort the run."""
+class RunStopped(Exception):
+    """Raised in the Train controller to end a run that Tune stopped (ASHA)."""
 
-    def __init__(self, queue: Queue) -> None:
+
+class _Forward(UserCallback):
+    """Runs in the Train controller: rank 0's metrics of each report go to the trial, and the
+    run waits for the trial's answer (go on, or stop) before its next epoch."""
+
+    def __init__(self, queue: Queue, control: Queue) -> None:
         self.queue = queue
+        self.control = control
 
     def after_report(
         self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any
     ) -> None:
-        import ray
-
-        # blocks while the previous result waits: training runs at most an epoch ahead of Tune
-        self.queue.put(("result", dict(metrics[0]), ray.get_runtime_context().current_actor))
+        self.queue.put(("result", dict(metrics[0]), True))
+        # a pause of one Tune round trip per report: a stopped trial's run ends at once, not
+        # an epoch later with its workers still reserved
+        if self.control.get() == "stop":
+            raise RunStopped("the sweep's scheduler stopped this trial")
 
 
 class SweepTrial(tune.Trainable):
-    """Tune's view of one pretraining run: one ``step`` per epoch."""
+    """Tune's view of one pretraining run: one ``step`` per report of the run."""
 
     def setup(self, config: dict[str, Any], ctx: TrialContext) -> None:  # type: ignore[override]
         self.cfg = trial_pretrain(ctx, dict(config))
@@ -50,8 +65,9 @@ class SweepTrial(tune.Trainable):
         self.metric: str = ctx.metric
         self.last: dict[str, Any] = {self.metric: math.nan}
         self.queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
-        self.controller: Any = None
-        self.last_epoch = 0
+        self.control = Queue(actor_options={"num_cpus": 0})
+        self.held = False  # a live run waits for our answer to its last report
+        self.last_step = 0
         self.thread = threading.Thread(target=self._train, daemon=True)
         self.thread.start()
 
@@ -64,54 +80,57 @@ class SweepTrial(tune.Trainable):
         try:
             done = complete(self.out)
             if done is None:
-                pretrain(replace(self.cfg, out=self.out), callbacks=[_Forward(self.queue)])
+                forward = _Forward(self.queue, self.control)
+                pretrain(replace(self.cfg, out=self.out), callbacks=[forward])
             else:  # finished by an earlier sweep: replay its curve so the scheduler sees it
                 for h in done["history"]:
-                    self.queue.put(("result", h, None))
-            self.queue.put(("done", None, None))
+                    self.queue.put(("result", h, False))
+            self.queue.put(("done", None, False))
         except BaseException as e:  # noqa: BLE001 - handed to Tune, which records the trial's error
-            self.queue.put(("error", e, None))
+            self.queue.put(("error", e, False))
+
+    def _answer(self, word: str) -> None:
+        if self.held:
+            self.control.put(word)
+            self.held = False
 
     def step(self) -> dict[str, Any]:
-        kind, value, controller = self.queue.get()
+        self._answer("go")  # Tune wants the next result: the run goes on
+        kind, value, live = self.queue.get()
         if kind == "error":
             raise value
         if kind == "done":  # a run that reported nothing more: end the trial
             return {**self.last, "done": True}
-        self.controller = controller or self.controller
-        self.last_epoch = int(value.get("epoch", self.last_epoch))
-        step = min(self.last_epoch * self.plan["steps_per_epoch"], self.plan["total_steps"])
-        # Tune wants the metric in every result: epochs without a kNN monitor carry the last
+        self.held = bool(live)
+        self.last_step = min(int(value["step"]), self.plan["total_steps"])
+        # Tune wants the metric in every result: reports without a kNN monitor carry the last
         self.last = {
             **value,
             self.metric: value.get(self.metric, self.last[self.metric]),
-            "step": step,
+            "step": self.last_step,
         }
-        return {**self.last, "done": self.last_epoch >= self.plan["epochs"]}
+        return {**self.last, "done": self.finished}
+
+    @property
+    def finished(self) -> bool:
+        """Whether the run reported its last optimizer step."""
+        return self.last_step >= self.plan["total_steps"]
 
     def cleanup(self) -> None:
-        """Past the last epoch the run only writes its manifest: wait for it. Stopped earlier
-        (by ASHA): abort the run so its workers and placement group are freed at once."""
-        import ray
-
+        """Past the last step the run only writes its manifest: let it. Stopped earlier (by
+        ASHA): tell the run to stop, which ends it and frees its workers and placement group;
+        then wait for it (a run not yet at a report is waited for 30 s at most)."""
         if not self.thread.is_alive():
             return
-        if self.last_epoch >= self.plan["epochs"]:
-            while self.thread.is_alive():  # drain what a run longer than planned still reports
-                try:
-                    self.queue.get(timeout=1)
-                except Empty:
-                    pass
-            return
-        if self.controller is not None:
-            aborted = self.controller.abort.remote()  # queued before the controller resumes
-            try:
-                while True:  # unblock a controller waiting to hand over a result
-                    self.queue.get_nowait()
+        word = "go" if self.finished else "stop"
+        self._answer(word)
+        deadline = None if self.finished else 30.0
+        waited = 0.0
+        while self.thread.is_alive() and (deadline is None or waited < deadline):
+            try:  # drain what the run still reports, each answered the same way
+                _, _, live = self.queue.get(timeout=1)
+                self.held = bool(live)
+                self._answer(word)
             except Empty:
-                pass
-            try:
-                ray.get(aborted)
-            except ray.exceptions.RayActorError:
-                pass  # abort ends the controller's process: the expected outcome
-        self.thread.join(timeout=30)
+                waited += 1.0
+        self.thread.join(timeout=1)

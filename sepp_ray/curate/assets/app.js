@@ -1,8 +1,10 @@
 // The `sepp curate` page: the server holds every decision; this script only shows pages of
 // pairs and posts actions. Image ids travel as strings (63-bit ids exceed JavaScript numbers).
+// Everything from the data (class names above all: folder names, chosen by whoever made the
+// dataset) goes into the page as text nodes, never as HTML. The token lives in an HttpOnly
+// cookie the server set: this script never sees it.
 "use strict";
 
-const token = new URLSearchParams(location.search).get("token") || "";
 const FIELDS = ["lo", "hi", "anchor", "agree", "decision", "sort", "per_page"];
 const STORE = "sepp-curate-view";
 let view = { page: 0 };
@@ -13,13 +15,12 @@ let busy = false;
 const $ = (id) => document.getElementById(id);
 
 async function api(path, body) {
-  const headers = { "X-Sepp-Token": token };
-  const init = body === undefined ? { headers } : {
-    method: "POST", headers: { ...headers, "Content-Type": "application/json" },
-    body: JSON.stringify(body),
+  const init = body === undefined ? {} : {
+    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
   };
   const r = await fetch(path, init);
   const out = await r.json().catch(() => ({ error: r.statusText }));
+  if (r.status === 401) throw new Error("not signed in: open the URL that `sepp curate` printed");
   if (!r.ok) throw new Error(out.error || r.statusText);
   return out;
 }
@@ -56,33 +57,43 @@ function showProgress(p) {
   $("undo").disabled = !p.can_undo;
 }
 
+// an element with a class and children (nodes, or strings that become text nodes)
+function h(tag, cls, ...children) {
+  const el = document.createElement(tag);
+  if (cls) el.className = cls;
+  el.append(...children);
+  return el;
+}
+
+function figure(role, id, label) {
+  const img = h("img");
+  img.alt = `${role} ${id}`;
+  img.src = `img/${encodeURIComponent(id)}`;
+  const text = label === null ? role : `${role} · ${label}`;
+  const caption = h("figcaption", "", text);
+  caption.title = text; // the whole name on hover; the card cuts it with an ellipsis
+  return h("figure", "", img, caption);
+}
+
 function card(pair, i) {
-  const el = document.createElement("div");
-  el.className = `pair ${pair.decision}`;
+  const el = h("div", `pair ${pair.decision}`);
   el.dataset.anchor = pair.anchor;
   el.dataset.positive = pair.positive;
   el.dataset.index = i;
-  const src = (id) => `img/${id}` + (token ? `?token=${encodeURIComponent(token)}` : "");
-  const lab = (l) => (l === null ? "" : ` · ${l}`);
-  let agree = "";
-  if (pair.agree === true) agree = '<span class="agree-yes">same label</span>';
-  if (pair.agree === false) agree = '<span class="agree-no">labels differ</span>';
-  el.innerHTML = `
-    <div class="imgs">
-      <figure><img alt="anchor ${pair.anchor}" src="${src(pair.anchor)}">
-        <figcaption>anchor${lab(pair.label_a)}</figcaption></figure>
-      <figure><img alt="positive ${pair.positive}" src="${src(pair.positive)}">
-        <figcaption>positive${lab(pair.label_b)}</figcaption></figure>
-    </div>
-    <div class="meta"><span class="sim">${pair.similarity.toFixed(4)}</span>${agree}
-      <span class="state">${pair.decision}</span></div>
-    <div class="buttons"><button class="accept">&#10003; accept</button>
-      <button class="reject">&#10007; reject</button></div>`;
-  // labels come from the dataset: set as text, never as HTML
-  el.querySelectorAll("figcaption")[0].textContent = "anchor" + lab(pair.label_a);
-  el.querySelectorAll("figcaption")[1].textContent = "positive" + lab(pair.label_b);
-  el.querySelector(".accept").onclick = () => { focus = i; decide([pair], "accept"); };
-  el.querySelector(".reject").onclick = () => { focus = i; decide([pair], "reject"); };
+  const meta = h("div", "meta", h("span", "sim", pair.similarity.toFixed(4)));
+  if (pair.agree === true) meta.append(h("span", "agree-yes", "same label"));
+  if (pair.agree === false) meta.append(h("span", "agree-no", "labels differ"));
+  meta.append(h("span", "state", pair.decision));
+  const accept = h("button", "accept", "\u2713 accept");
+  const reject = h("button", "reject", "\u2717 reject");
+  el.append(
+    h("div", "imgs", figure("anchor", pair.anchor, pair.label_a),
+      figure("positive", pair.positive, pair.label_b)),
+    meta,
+    h("div", "buttons", accept, reject),
+  );
+  accept.onclick = () => { focus = i; decide([pair], "accept"); };
+  reject.onclick = () => { focus = i; decide([pair], "reject"); };
   el.onclick = (e) => { if (e.target.tagName !== "BUTTON") setFocus(i); };
   return el;
 }

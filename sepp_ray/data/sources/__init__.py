@@ -65,6 +65,11 @@ class SourceOptions:
         "imagefolder: strict refuses a layout that may be misread (a lone folder holding a "
         "split's images, classes in an evaluation split only); warn ingests it as seen",
     )
+    classes: str = opt(
+        "",
+        "imagefolder: keep only these classes: a shipped list (imagenet100: CMC's ImageNet-100; "
+        "imagenet1k) or a text file of class names, one a line; a split lacking one is refused",
+    )
 
 
 # Format name -> `opener(spec, options) -> Source`. Openers import their source kind lazily: a
@@ -74,6 +79,7 @@ SOURCES: Registry[Callable[[str, SourceOptions], Source]] = Registry("source for
 
 @SOURCES.register("imagefolder")
 def _imagefolder(spec: str, o: SourceOptions) -> Source:
+    from sepp_ray.data.classlists import load_class_list
     from sepp_ray.data.sources.imagefolder import ImageFolderSource
     from sepp_ray.data.sources.labels import parse_splits_option
 
@@ -83,6 +89,7 @@ def _imagefolder(spec: str, o: SourceOptions) -> Source:
         label_files=parse_splits_option(o.label_files, "source_options.label_files"),
         unlabeled_splits=tuple(s.strip() for s in o.unlabeled_splits.split(",") if s.strip()),
         layout_check=o.layout_check,
+        classes=load_class_list(o.classes) if o.classes else None,
     )
 
 

@@ -9,6 +9,8 @@ Layouts recognised:
   images, see ``labels.py``), else unlabeled.
 Class names are the sorted union of class folder and label file names over all splits
 (torchvision's order). Layouts that may be misread are refused before anything is read.
+A class list (``source_options.classes``, e.g. ImageNet-100's) keeps only its classes, and
+refuses a tree where a split lacks one of them.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import posixpath
 from collections.abc import Iterator
 from typing import Any
 
+from sepp_ray.data.classlists import ClassList
 from sepp_ray.data.sources.base import RawItem, WorkUnit, chunks
 from sepp_ray.data.sources.labels import (
     CONTAINER_NAMES,
@@ -54,10 +57,15 @@ class ImageFolderSource:
         label_files: dict[str, str] | None = None,
         unlabeled_splits: tuple[str, ...] = (),
         layout_check: str = "strict",
+        classes: ClassList | None = None,
     ) -> None:
         self.root = root
         self.chunk_size = chunk_size
         self.label_files = dict(label_files or {})
+        # `classes`: keep only these classes' images (a benchmark subset such as ImageNet-100)
+        self.class_filter = classes
+        self._keep = frozenset(classes.classes) if classes else None
+        self.excluded = 0  # images of classes outside the filter, left out
         self.unlabeled_splits = tuple(s.lower() for s in unlabeled_splits)
         fs, base = filesystem(root)
         if not fs.exists(base):
@@ -98,6 +106,8 @@ class ImageFolderSource:
         self.layout: dict[str, SplitLayout] = {}
         for split, (prefix, listed) in sorted(groups.items()):
             self.layout[split] = self._read_split(fs, split, prefix, listed, split_layout)
+        if classes is not None:
+            self._check_class_filter(classes)
         if not self._files:
             raise SeppError(
                 f"no files found under {root}: expected root/<class>/<image> or "
@@ -144,6 +154,9 @@ class ImageFolderSource:
                 cls = None
             else:
                 cls = parts[0]
+            if self._keep is not None and cls is not None and cls not in self._keep:
+                self.excluded += _is_image(rel)
+                continue
             if not _is_image(rel):
                 lay.extras[posixpath.splitext(rel)[1].lower() or "(none)"] += 1
             else:
@@ -199,6 +212,28 @@ class ImageFolderSource:
             )
         return found[0] if found else None
 
+    def _check_class_filter(self, classes: ClassList) -> None:
+        """Refuse a tree the filter cannot select from: unlabeled images (they belong to no
+        listed class), or a split lacking a listed class (a partial download, or class folders
+        named otherwise than the list): training on part of a subset is another benchmark."""
+        for split, lay in sorted(self.layout.items()):
+            if lay.unlabeled:
+                raise SeppError(
+                    f"source_options.classes={classes.name} keeps images by class, but split "
+                    f"{split!r} of {self.root} has {lay.unlabeled} unlabeled images: remove "
+                    "that split's folder, or ingest without the class filter"
+                )
+            missing = [c for c in classes.classes if c not in lay.classes]
+            if missing:
+                more = " ..." if len(missing) > 5 else ""
+                raise SeppError(
+                    f"split {split!r} of {self.root} lacks {len(missing)} of the "
+                    f"{len(classes.classes)} classes of class list {classes.name} "
+                    f"({', '.join(missing[:5])}{more}): check that the tree is complete (a "
+                    "partial download?) and that its class folders are named as the list names "
+                    "them, or give another list"
+                )
+
     def _read_text(self, fs: Any, path: str, rel: str) -> str:
         with fs.open(path, "rb") as f:
             data: bytes = f.read()
@@ -213,6 +248,8 @@ class ImageFolderSource:
             "layout": {n: lay.describe() for n, lay in self.layout.items()},
             "label_files": {n: lay.label_file for n, lay in self.layout.items() if lay.label_file},
             "unlabeled_splits": list(self.unlabeled_splits),
+            # only with a filter: without one the description (and stage hashes) stay as they were
+            **({"classes": self.class_filter.name} if self.class_filter else {}),
         }
 
     def class_names(self) -> list[str]:
@@ -264,4 +301,6 @@ class ImageFolderSource:
             h.update(f"label {rel}\0{size}\n".encode())
         if self.unlabeled_splits:
             h.update(f"unlabeled {sorted(self.unlabeled_splits)}".encode())
+        if self._keep is not None:
+            h.update(f"classes {sorted(self._keep)}".encode())
         return h.hexdigest()
