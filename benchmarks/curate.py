@@ -11,7 +11,7 @@ of another source tree (e.g. the last commit's, unpacked with
 `git archive HEAD sepp_ray | tar -x -C /tmp/base`), in alternating rounds:
 
     python benchmarks/curate.py --s3 --size 224 --images 12000 --pairs 50000 --pages 6 \
-        --rounds 2 --cache-mb 3 512 --baseline-src /tmp/base
+        --rounds 2 --cache-mb 16 512 --baseline-src /tmp/base
 """
 
 from __future__ import annotations

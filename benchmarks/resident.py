@@ -48,7 +48,7 @@ def resident_plan(ds: ImageDataset, batch: int, cpus: float) -> ResidentPlan:
     n = total_rows(chunks)
     items = ResidentItems.of(plan_items(None, None, PairsConfig(mode="none"), 0), 1)
     return ResidentPlan(
-        refs=decode_split(chunks, "train", (32, 32), cpus),
+        refs=decode_split(chunks, "train", (32, 32), cpus)[1],
         shape=(32, 32),
         images=n,
         items=items,

@@ -297,7 +297,7 @@ def test_byte_lru_keeps_what_was_asked_for() -> None:
 
 
 def test_images_read_each_row_group_once(mined: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    cur = Curation(mined, cache_mb=0)  # no cache: only the coalescing of reads is left
+    cur = Curation(mined)
     store = cur.images
     reads: list[tuple[int, int]] = []
     real = ImageStore._read_group
@@ -358,7 +358,7 @@ def test_an_image_on_s3_reads_its_row_group_alone(
 ) -> None:
     import s3fs
 
-    cur = Curation(make_mined(bucket), cache_mb=0)
+    cur = Curation(make_mined(bucket))
     store = cur.images
     fetched: list[int] = []
     real = s3fs.core.S3File._fetch_range

@@ -344,6 +344,26 @@ def test_the_feed_stays_alive_across_epochs_in_the_same_order(
         next(stream.epoch(3))
 
 
+def test_a_consumer_may_stop_at_its_step_count_but_not_before(tmp_path: Path) -> None:
+    """The training loop takes exactly `steps` batches and may never ask for the end marker
+    (a loop cut into step segments): the next epoch still starts; an epoch left unfinished
+    is an error, not a silent shift of the order."""
+    chunks = _shards(tmp_path)
+    spec, cfg = DecodeSpec("full", 8, split="train"), FeedConfig(16, buffer_rows=32)
+    parts = _parts(chunks, 3, 16, 8)
+    alone = [
+        [b["id"].tolist() for b in rank_batches(p.slices, spec, cfg, 0, p.epoch, 0, 8, False)]
+        for p in parts
+    ]
+    stream = RankFeed(iter(parts), spec, cfg, seed=0, rank=0, use_ray=False)
+    first = stream.epoch(0)
+    assert [next(first)["id"].tolist() for _ in range(8)] == alone[0]  # no 9th next()
+    second = stream.epoch(1)
+    assert [next(second)["id"].tolist() for _ in range(7)] == alone[1][:7]
+    with pytest.raises(SeppError, match="read them in order"):
+        next(stream.epoch(2))  # epoch 1's last batch was never taken
+
+
 def test_the_feed_reads_in_ray_tasks_as_locally_across_epochs(
     tmp_path: Path, ray_cluster: str
 ) -> None:

@@ -35,10 +35,15 @@ def test_gpu_check_tiny_mode(tmp_path: Path, ray_cluster: str) -> None:
         [sys.executable, "-m", "benchmarks.gpu_check", "--out", str(tmp_path), "--mode", "tiny"],
         capture_output=True, text=True, timeout=1800, env=env, cwd=REPO,
     )  # fmt: skip
-    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    check_tiny_report(tmp_path, r.stdout)
+
+
+def check_tiny_report(out: Path, stdout: str) -> None:
+    """What a tiny run must show (also read against a rehearsal's output folder)."""
+    report = json.loads((out / "gpu_check.json").read_text())
     assert report["mode"] == "tiny" and list(report["parts"]) == [*PARTS, "ratios"]
     for name, part in report["parts"].items():
-        assert part["status"] == "ok", (name, part.get("log_tail"), r.stdout[-2000:])
+        assert part["status"] == "ok", (name, part.get("log_tail"), stdout[-2000:])
         assert part["figures"], name
     figures = _figures(report)
     assert figures["host syncs per step (SyncCounter)"]["value"] == 0
@@ -56,9 +61,9 @@ def test_gpu_check_tiny_mode(tmp_path: Path, ray_cluster: str) -> None:
     assert "tiny" in work["name"] and "scaled down from 30" in work["name"] and work["ok"]
     assert figures["embedding through Ray Data"]["value"] > 0
     assert figures["sepp through Ray Train, test_resnet 16 px, decode_on=gpu"]["value"] > 0
-    table = (tmp_path / "gpu_check.md").read_text()
+    table = (out / "gpu_check.md").read_text()
     assert table.count("\n| ") >= len(figures) and "host syncs per step" in table
-    assert "target 0: met" in r.stdout
+    assert "target 0: met" in stdout
     # feed: the tiny grid (pageable only without CUDA), each setting measured
     from benchmarks.gpu_check.feed import defaults, grid
 
@@ -73,7 +78,7 @@ def test_gpu_check_tiny_mode(tmp_path: Path, ray_cluster: str) -> None:
     assert rates[f"feed {best}: batches/s"] == max(rates.values())
     share = figures[f"feed defaults ({defaults(False).label()}) / best"]
     assert 0 < share["value"] <= 1 and share["ok"] == (share["value"] >= 0.95)
-    assert "feed best setting" in table and (tmp_path / "feed.md").exists()
+    assert "feed best setting" in table and (out / "feed.md").exists()
 
 
 def test_parts_fit_the_budget_most_important_first() -> None:

@@ -162,7 +162,7 @@ def test_a_killed_worker_resumes_from_the_checkpoint(data: tuple[str, str], tmp_
 
     def kill_after_first_checkpoint() -> None:
         deadline = time.time() + 300
-        while time.time() < deadline and not list_checkpoints(str(out)):
+        while time.time() < deadline and not _reported(out):  # resumable once Ray has it
             time.sleep(0.2)
         for pid in (int(d) for d in os.listdir("/proc") if d.isdigit()):
             try:
@@ -184,6 +184,36 @@ def test_a_killed_worker_resumes_from_the_checkpoint(data: tuple[str, str], tmp_
     assert len(m["loop_starts_at_epoch"]) == 2 and m["loop_starts_at_epoch"][0] == 0
     assert m["loop_starts_at_epoch"][1] >= 1
     assert read_manifest(str(out))["final_checkpoint"].endswith("epoch-00004")
+
+
+@pytest.mark.slow
+def test_a_checkpoint_between_fixed_step_reports_reaches_ray_in_a_report_of_its_own(
+    data: tuple[str, str], tmp_path: Path
+) -> None:
+    images, _ = data
+    out = tmp_path / "run"
+    m = pretrain(_cfg(images, out, report_every_steps=2))
+    spe = m["steps_per_epoch"]
+    assert spe % 2 == 1  # epoch 1 ends between two reports
+    assert [h["step"] for h in m["history"]] == list(range(2, 2 * spe + 1, 2))  # no extra entry
+    listed = {
+        Path(c.path).name: r for c, r in Result.from_path(str(out / "checkpoints")).best_checkpoints
+    }
+    assert sorted(listed) == ["epoch-00001", "epoch-00002"]
+    first, last = listed["epoch-00001"], listed["epoch-00002"]
+    # epoch 1's checkpoint came alone, ranked by a kNN result of its own; the last rode on the
+    # run's last report
+    assert first["checkpoint_only"] is True and first["step"] == spe and "knn_top1" in first
+    assert "checkpoint_only" not in last and last["step"] == 2 * spe and "knn_top1" in last
+
+
+def _reported(out: Path) -> bool:
+    """Whether Ray Train has recorded a checkpoint of the run in ``out`` (its snapshot may be
+    absent, or caught half written)."""
+    try:
+        return Result.from_path(str(out / "checkpoints")).checkpoint is not None
+    except Exception:  # noqa: BLE001 - not there yet, or read while Ray writes it
+        return False
 
 
 KILLED_DRIVER = """

@@ -129,7 +129,7 @@ def test_pair_items_are_index_pairs_into_the_split() -> None:
     ap_index = index_items(ResidentItems.of(ap, 1), ids)
     np.testing.assert_array_equal(ap_index.row_a[5:], ap_index.row_b[5:])  # one image twice
     bad = plan_items(_pairs([10], [99]), None, PairsConfig(pairs="x"), 0)
-    with pytest.raises(SeppError, match="outside the training split"):
+    with pytest.raises(SeppError, match=r"image id\(s\) absent from the training split"):
         index_items(ResidentItems.of(bad, 1), ids)
 
 

@@ -141,6 +141,20 @@ def test_a_tiny_asha_sweep_ranks_stops_caches_and_reports(
     assert m["scheduler"]["grace_period"] == spe
     # Tune's TensorBoard logs, one event file per trial, for the dashboard
     assert len(glob.glob(f"{r['experiment']}/*/events.out.tfevents.*")) == 2
+    # Tune saw each trial's reported checkpoints: the finished trial's best names its run's
+    # newest checkpoint; the stopped one, judged inside its first epoch, has none
+    from ray.tune import ExperimentAnalysis
+
+    analysis = ExperimentAnalysis(r["experiment"])
+    trials = {Path(t.path).name: t for t in analysis.trials}
+    for row in rows:
+        best = analysis.get_best_checkpoint(trials[row["trial"]], metric="epoch", mode="max")
+        if row["status"] == "stopped":
+            assert best is None
+            continue
+        with best.as_directory() as d:
+            named = json.loads((Path(d) / "run_checkpoint.json").read_text())["uri"]
+        assert named == row["checkpoint"] and named.endswith("epoch-00002")
 
 
 DRIVER = """

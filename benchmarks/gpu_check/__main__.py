@@ -36,6 +36,10 @@ def run_part(part: Part, tiny: bool, out: Path) -> None:
     """In the part's own process: run it, its figures written as they come, then "ok"."""
     ctx = PartContext(part.name, tiny, out)
     ctx.write("running")
+    if tiny and not torch.cuda.is_available():
+        # one intra-op thread: the part shares a small CPU with the Ray workers and loader
+        # workers it starts, and OpenMP threads that outnumber the cores spin against them
+        torch.set_num_threads(1)
     part.fn()(ctx)
     ctx.write("ok")
 

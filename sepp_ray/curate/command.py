@@ -31,7 +31,7 @@ class CurateConfig:
         None, "where the page's Export button writes (default: DECISIONS/curated.parquet)"
     )
     user: str | None = opt(None, "who decides, recorded with each decision (default: login)")
-    cache_mb: int = opt(512, "memory for images read ahead and kept (MiB)")
+    cache_mb: int = opt(512, "memory for images read ahead and kept (MiB, at least 16)")
 
 
 def run_curate(c: CurateConfig) -> int:

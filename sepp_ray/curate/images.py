@@ -8,8 +8,9 @@ would fetch 50 MB). Three things keep that cost paid once:
 - each group is read by one request at a time: the others asking for it wait for that read;
 - when a page of pairs is served, the row groups of its images and of the next page's are read
   at once, in parallel, before the browser asks for them;
-- what a group read brings is kept in a cache bounded in bytes: the images asked for at the hot
-  end, the group's other images of the pairs only in spare room (see `ByteLRU`).
+- what a group read brings is kept in a cache bounded in bytes (it must hold two pages): the
+  images of this page and the next at the hot end, the group's other images of the pairs only
+  in spare room (see `ByteLRU`).
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ def mime_type(data: bytes) -> str:
 
 @dataclass
 class _Read:
-    """One row group being read, the ids its readers want kept hot, and those of the next
-    page (kept only in spare room: reading ahead never evicts the page being shown)."""
+    """One row group being read, the ids its readers want now, and those of the next page
+    (cached less hot: reading ahead evicts the pages shown before, not this one)."""
 
     future: Future[dict[int, bytes]]
     wanted: set[int] = field(default_factory=set)
@@ -185,10 +186,10 @@ class ImageStore:
             images = dict(zip(self._ids[members].tolist(), data, strict=True))
             with self._lock:
                 wanted, ahead = set(read.wanted), read.ahead - read.wanted
-            # spare room: the next page's first, then the rest (each cold insert is the coldest)
-            for i in [*ahead, *(i for i in images if i not in wanted and i not in ahead)]:
-                self._cache.put(i, images[i], hot=False)
-            for i in wanted:
+            for i in images:  # the group's other pair images: spare room only
+                if i not in wanted and i not in ahead:
+                    self._cache.put(i, images[i], hot=False)
+            for i in [*ahead, *wanted]:  # the images asked for now end hottest
                 self._cache.put(i, images[i])
             return images
         finally:

@@ -25,6 +25,7 @@ from sepp_ray.storage import absolute, read_manifest
 DECISIONS_DIR = "curation"
 EXPORT_NAME = "curated.parquet"
 MAX_PAIRS_PER_REQUEST = 10_000
+MIN_CACHE_MB = 16  # two pages of 96 images of up to 80 KB
 
 
 class NotFound(SeppError):
@@ -53,8 +54,11 @@ class Curation:
         ids = np.concatenate([raw["anchor_id"].to_numpy(), raw["positive_id"].to_numpy()]).astype(
             np.int64
         )
-        if cache_mb < 0:
-            raise SeppError(f"cache_mb must be >= 0, got {cache_mb}")
+        if cache_mb < MIN_CACHE_MB:
+            raise SeppError(
+                f"cache_mb={cache_mb} is too small: give at least {MIN_CACHE_MB} (MiB), enough "
+                "for the images of two pages"
+            )
         self.images = ImageStore(self.dataset_uri, ids, cache_bytes=cache_mb << 20)
         self.table = PairTable(
             raw,

@@ -329,6 +329,8 @@ def write_pipeline_report(
     eval_uri: str,
     st: Stages,
 ) -> str:
+    """The pipeline's report (README.md: the setup, each arm against plain, every run and
+    checkpoint, the stages' times, the pairs' pictures) and results.json; returns its URI."""
     from sepp_ray.mining.pairs_report import write_report
 
     out = f"{st.work}/report"
@@ -336,58 +338,9 @@ def write_pipeline_report(
     pictures = write_report(first.pairs_uri, out) if first else []
     table = Location(eval_uri).read_bytes("metrics.md").decode()
     summary = summarize(rows, c.arms)
-    p = c.pretrain
-    budget = rows[0]["budget_steps"]
-    lines = [
-        "# sepp-ray pipeline report",
-        "",
-        f"- data: `{data_uri}`",
-        f"- method: {p.method}, backbone {p.backbone}, {p.epochs} epochs of the plain run, "
-        f"batch {p.batch_size}; arms {', '.join(c.arms)}; seeds "
-        f"{', '.join(str(p.seed + i) for i in range(c.seeds))}",
-        "- compute: "
-        + (
-            f"equal, {budget} optimizer steps for every run (the plain run's; arms with more "
-            "items run fewer epochs)"
-            if c.equal_compute
-            else "equal epochs (equal_compute=false: arms with more items take more steps)"
-        ),
-    ]
-    lines += sampler_lines(c, found)
+    lines = _report_setup(c, data_uri, rows[0]["budget_steps"]) + sampler_lines(c, found)
+    lines += _arms_table(c, summary) + _runs_table(rows)
     lines += [
-        "",
-        "## Accuracy per arm on the test split (%, mean ± std over seeds)",
-        "",
-        "Paired difference: the arm minus plain at the same seed, mean ± std over seeds.",
-        "",
-        "| arm | seeds | kNN top-1 | vs plain | linear top-1 | vs plain |",
-        "|---|---|---|---|---|---|",
-    ]
-    for arm in c.arms:
-        s = summary[arm]
-        lines.append(
-            f"| {arm} | {s['knn']['n'] or s['linear']['n']} | {_pm(s['knn'])} | "
-            f"{_pm(s['knn']['diff'], True)} | {_pm(s['linear'])} | "
-            f"{_pm(s['linear']['diff'], True)} |"
-        )
-    lines += [
-        "",
-        "## Runs",
-        "",
-        "Pair items used: pair items trained on over the run (all ranks); mined pairs in "
-        "the loss: anchor-positive links attracted or cancelled (multi-positive, cancel); "
-        "same-image negatives: views of one image left among each other's negatives (0).",
-        "",
-        "| arm | seed | items | steps/epoch | epochs | optimizer steps | pair items used "
-        "| mined pairs in the loss | same-image negatives | kNN top-1 | linear top-1 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-        *[
-            f"| {r['arm']} | {r['seed']} | {_items(r['items'])} | {r['steps_per_epoch']} | "
-            f"{r['epochs_run']} | {r['total_steps']} | {_count(r['pair_items_used'])} | "
-            f"{_count(r['pairs_used'])} | {_count(r['same_image_negatives'])} | "
-            f"{_pct(r['knn'])} | {_pct(r['linear'])} |"
-            for r in rows
-        ],
         "",
         "## Every checkpoint (the evaluation's own table)",
         "",
@@ -410,6 +363,70 @@ def write_pipeline_report(
         body = {"runs": rows, "summary": summary, "samplers": [x.to_dict() for x in found.values()]}
         f.write(json.dumps(body, indent=2).encode())
     return f"{out}/README.md"
+
+
+def _report_setup(c: PipelineConfig, data_uri: str, budget: int | None) -> list[str]:
+    """The report's head: the data, the method and arms, and how compute was made equal."""
+    p = c.pretrain
+    return [
+        "# sepp-ray pipeline report",
+        "",
+        f"- data: `{data_uri}`",
+        f"- method: {p.method}, backbone {p.backbone}, {p.epochs} epochs of the plain run, "
+        f"batch {p.batch_size}; arms {', '.join(c.arms)}; seeds "
+        f"{', '.join(str(p.seed + i) for i in range(c.seeds))}",
+        "- compute: "
+        + (
+            f"equal, {budget} optimizer steps for every run (the plain run's; arms with more "
+            "items run fewer epochs)"
+            if c.equal_compute
+            else "equal epochs (equal_compute=false: arms with more items take more steps)"
+        ),
+    ]
+
+
+def _arms_table(c: PipelineConfig, summary: dict[str, Any]) -> list[str]:
+    """Each arm's test accuracy over the seeds, and its paired difference to plain."""
+    lines = [
+        "",
+        "## Accuracy per arm on the test split (%, mean ± std over seeds)",
+        "",
+        "Paired difference: the arm minus plain at the same seed, mean ± std over seeds.",
+        "",
+        "| arm | seeds | kNN top-1 | vs plain | linear top-1 | vs plain |",
+        "|---|---|---|---|---|---|",
+    ]
+    for arm in c.arms:
+        s = summary[arm]
+        lines.append(
+            f"| {arm} | {s['knn']['n'] or s['linear']['n']} | {_pm(s['knn'])} | "
+            f"{_pm(s['knn']['diff'], True)} | {_pm(s['linear'])} | "
+            f"{_pm(s['linear']['diff'], True)} |"
+        )
+    return lines
+
+
+def _runs_table(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per run: its items, steps, the pairs it used and its accuracies."""
+    return [
+        "",
+        "## Runs",
+        "",
+        "Pair items used: pair items trained on over the run (all ranks); mined pairs in "
+        "the loss: anchor-positive links attracted or cancelled (multi-positive, cancel); "
+        "same-image negatives: views of one image left among each other's negatives (0).",
+        "",
+        "| arm | seed | items | steps/epoch | epochs | optimizer steps | pair items used "
+        "| mined pairs in the loss | same-image negatives | kNN top-1 | linear top-1 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+        *[
+            f"| {r['arm']} | {r['seed']} | {_items(r['items'])} | {r['steps_per_epoch']} | "
+            f"{r['epochs_run']} | {r['total_steps']} | {_count(r['pair_items_used'])} | "
+            f"{_count(r['pairs_used'])} | {_count(r['same_image_negatives'])} | "
+            f"{_pct(r['knn'])} | {_pct(r['linear'])} |"
+            for r in rows
+        ],
+    ]
 
 
 def sampler_lines(c: PipelineConfig, found: dict[int, Sampler]) -> list[str]:

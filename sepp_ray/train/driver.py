@@ -496,7 +496,14 @@ def _resident_plan(
     pair items as ids that each rank turns into row indices; no item table is written."""
     from sepp_ray.train.census import census
     from sepp_ray.train.dataplane import image_files
-    from sepp_ray.train.resident import ResidentItems, ResidentPlan, decode_split, stored_shape
+    from sepp_ray.train.resident import (
+        ResidentItems,
+        ResidentPlan,
+        decode_split,
+        index_items,
+        split_ids,
+        stored_shape,
+    )
 
     shape = stored_shape(ds.manifest)
     assert shape is not None  # choose_plane made sure
@@ -504,8 +511,10 @@ def _resident_plan(
     images = int(sum(c.rows for c in chunks))
     items = ResidentItems.of(plan, cfg.pairs.max_positives)
     steps_per_epoch, total_steps = _epoch_steps(cfg, items.count(images))
+    id_refs, refs = decode_split(chunks, cfg.split, shape, cfg.decode_cpus)
+    index_items(items, split_ids(id_refs))  # pairs naming images outside the split: refused here
     return ResidentPlan(
-        refs=decode_split(chunks, cfg.split, shape, cfg.decode_cpus),
+        refs=refs,
         shape=shape,
         images=images,
         items=items,

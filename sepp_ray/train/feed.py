@@ -137,17 +137,17 @@ def task_groups(slices: list[Slice], spec: DecodeSpec) -> list[list[Slice]]:
 
 
 def node_spare_cpus() -> float:
-    """CPUs free for tasks on this node now (Ray's accounting; the cluster's when the per-node
-    view is not available)."""
+    """CPUs free for tasks on this node now, from public Ray APIs only: the cluster's free CPUs,
+    at most this node's own CPUs (Ray has no public per-node view of what is free)."""
     import ray
 
-    try:
-        from ray._private.state import available_resources_per_node
-
-        node = ray.get_runtime_context().get_node_id()
-        return float(available_resources_per_node()[node].get("CPU", 0.0))
-    except Exception:  # a private API: fall back to the cluster-wide figure
-        return float(ray.available_resources().get("CPU", 0.0))
+    node = ray.get_runtime_context().get_node_id()
+    total = next(
+        (float(n["Resources"].get("CPU", 0.0)) for n in ray.nodes() if n.get("NodeID") == node),
+        0.0,
+    )
+    free = float(ray.available_resources().get("CPU", 0.0))
+    return min(total, free) if total else free
 
 
 def auto_read_ahead(spare_cpus: float, task_cpus: float, task_bytes: int) -> int:
@@ -330,6 +330,8 @@ class RankFeed:
     def epoch(self, epoch: int) -> Iterator[Batch]:
         """This epoch's batches; the reads of the next are under way before its end."""
         for e, batch in self._items:
+            if e < epoch and batch is None:  # the end of an epoch whose last batch was taken
+                continue  # by a consumer that stopped at its step count without asking again
             if e != epoch:
                 raise SeppError(f"the feed's next epoch is {e}, not {epoch}: read them in order")
             if batch is None:

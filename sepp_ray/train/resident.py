@@ -128,17 +128,36 @@ def decode_chunk(chunk: Chunk, split: str, shape: tuple[int, int]) -> dict[str, 
     return {"id": table["id"].to_numpy().astype(np.int64), "label": labels, "image": out}
 
 
-def decode_split(chunks: list[Chunk], split: str, shape: tuple[int, int], cpus: float) -> list[Any]:
-    """ObjectRefs of every chunk's decoded images, decoded by Ray tasks outside any placement
-    group (the driver never fetches them: each rank does)."""
+def _decode_with_ids(
+    chunk: Chunk, split: str, shape: tuple[int, int]
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    part = decode_chunk(chunk, split, shape)
+    return part["id"], part
+
+
+def decode_split(
+    chunks: list[Chunk], split: str, shape: tuple[int, int], cpus: float
+) -> tuple[list[Any], list[Any]]:
+    """Every chunk decoded by a Ray task outside any placement group: ObjectRefs of the image
+    ids (small: the driver checks the items against them) and of the decoded parts (the driver
+    never fetches those: each rank does)."""
     import ray
 
     from sepp_ray.train.census import outside_placement_group
 
-    task = ray.remote(num_cpus=cpus)(decode_chunk).options(
+    task = ray.remote(num_cpus=cpus, num_returns=2)(_decode_with_ids).options(
         scheduling_strategy=outside_placement_group()
     )
-    return [task.remote(c, split, shape) for c in chunks]
+    refs: list[Any] = [task.remote(c, split, shape) for c in chunks]  # (ids, part) each
+    return [r[0] for r in refs], [r[1] for r in refs]
+
+
+def split_ids(id_refs: list[Any]) -> np.ndarray:
+    """The split's image ids, sorted (8 bytes an image: what the driver may hold)."""
+    import ray
+
+    parts = ray.get(id_refs)
+    return np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
 
 
 @dataclass(frozen=True)
@@ -197,8 +216,8 @@ def index_items(items: ResidentItems, ids: np.ndarray) -> ItemIndex:
         bad = (at >= len(ids)) | (ids[np.minimum(at, len(ids) - 1)] != want)
         if bad.any():
             raise SeppError(
-                f"{int(bad.sum())} {what} name images outside the training split (e.g. id "
-                f"{int(want[bad][0])}): mine the pairs on the split you train on"
+                f"{int(bad.sum())} {what} name image id(s) absent from the training split (e.g. "
+                f"id {int(want[bad][0])}): mine the pairs on the dataset and split you train on"
             )
         return at.astype(np.int64)
 

@@ -205,8 +205,13 @@ def _tuner(
             name=name,
             storage_path=ray_storage_path(tune_uri),
             storage_filesystem=fs,
-            # the state worth keeping is each trial's own pretraining checkpoints
-            checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False),
+            # a trial's Tune checkpoints name its run's checkpoints (`sepp_ray.tune.trial`),
+            # taken when the run reports one, ranked by the sweep's metric
+            checkpoint_config=tune.CheckpointConfig(
+                checkpoint_at_end=False,
+                checkpoint_score_attribute=c.metric,
+                checkpoint_score_order=c.mode,
+            ),
         ),
     )
     return tuner, False
@@ -218,6 +223,37 @@ def run_sweep(c: SweepConfig) -> dict[str, Any]:
 
     from sepp_ray.tune.trial import SweepTrial  # imports Ray Tune: only when a sweep runs
 
+    c, conc, cpus_per = _resolve(c)
+    # OUT holds the stages too: keep them all, only the manifest goes until the summary is done
+    loc = begin_write(c.out, overwrite=True, keep=tuple(Location(c.out).listdir()))
+    st = Stages(c.out)
+    ctx, data, mined = _prepare(c, st)
+    clock, name = _asha_clock(c, ctx), _experiment_name(c, ctx)
+    # the trial itself holds almost nothing: its Ray Train workers reserve their own resources
+    trainable = tune.with_resources(tune.with_parameters(SweepTrial, ctx=ctx), {"cpu": 0.01})
+    tuner, restored = _tuner(c, trainable, axes(c), name, conc, clock)
+    rows = collect_rows(tuner.fit(), ctx, mined)
+    if rows and all(r["status"] == "error" for r in rows):
+        raise SeppError(f"every trial failed; the first error: {rows[0]['error']}")
+    ckpts = [r["checkpoint"] for r in rows if r["checkpoint"]] if c.protocols else []
+    _, heads = eval_stage(st, ckpts, ctx.data_uri, data, c.protocols, c.pretrain.knn_k)
+    fill_eval(rows, heads)
+    experiment = f"{c.out}/tune/{name}"
+    files = write_summary(loc, rows, c, experiment)
+    run = {"restored": restored, "trials": len(rows), "concurrency": conc}
+    finish_write(loc, _manifest(c, ctx, experiment, run, cpus_per, clock, files, st))
+    print(f"[sweep] summary: {c.out}/summary.md; TensorBoard: {experiment}", flush=True)
+    return {
+        "summary": f"{c.out}/summary.md",
+        "experiment": experiment,
+        "restored": restored,
+        "rows": rows,
+    }
+
+
+def _resolve(c: SweepConfig) -> tuple[SweepConfig, int, float]:
+    """The sweep with absolute URIs and the workers the cluster gives each trial, checked
+    before and after that choice; with the trials run at once and each one's CPUs."""
     c = replace(c, out=absolute(c.out))
     if c.sampler_checkpoint:
         c = replace(c, sampler_checkpoint=absolute(c.sampler_checkpoint))
@@ -225,9 +261,15 @@ def run_sweep(c: SweepConfig) -> dict[str, Any]:
     workers, use_gpu, conc, cpus_per = _resources(c)
     c = replace(c, pretrain=replace(c.pretrain, workers=workers, use_gpu=use_gpu))
     validate(c)  # again with the workers gpus_per_trial gave (the batch must divide over them)
-    # OUT holds the stages too: keep them all, only the manifest goes until the summary is done
-    loc = begin_write(c.out, overwrite=True, keep=tuple(Location(c.out).listdir()))
-    st = Stages(c.out)
+    return c, conc, cpus_per
+
+
+def _prepare(
+    c: SweepConfig, st: Stages
+) -> tuple[TrialContext, dict[str, Any], dict[str, dict[str, Any]]]:
+    """The stages every trial shares, done (or reused) before Tune starts: the data, the
+    sampler, its embeddings and one mining per distinct sampler config. Returns what the
+    trials share, the data's manifest, and each mining's manifest by its URI."""
     data_uri, data = prepare_data(st, c.source, c.format, c.source_options, c.images)
     _check_monitor(c, data)
     data_fp = dataset_fingerprint(data)
@@ -237,16 +279,15 @@ def run_sweep(c: SweepConfig) -> dict[str, Any]:
     sampler = sampler_checkpoint(
         st, c.sampler_checkpoint, p, data_uri, data_fp, c.bootstrap_epochs, boot
     )
-    ax = axes(c)
-    emb_uri, _ = embed_stage(st, data_uri, data_fp, sampler, c.pretrain.split)
+    emb_uri, _ = embed_stage(st, data_uri, data_fp, sampler, p.split)
     pairs: dict[str, str] = {}
     mined: dict[str, dict[str, Any]] = {}
-    for m in grid(ax, MINING_KEYS):  # every distinct sampler config, mined once, up front
+    for m in grid(axes(c), MINING_KEYS):  # every distinct sampler config, mined once, up front
         mcfg = mining_for(c.mining, m)
-        uri, manifest = mine_stage(st, emb_uri, data_fp, sampler, mcfg, c.pretrain.split)
+        uri, manifest = mine_stage(st, emb_uri, data_fp, sampler, mcfg, p.split)
         pairs[stage_hash(asdict(mcfg))], mined[uri] = uri, manifest
     ctx = TrialContext(
-        base=c.pretrain,
+        base=p,
         mining=c.mining,
         pairs_mode=c.pairs_mode,
         metric=c.metric,
@@ -258,64 +299,63 @@ def run_sweep(c: SweepConfig) -> dict[str, Any]:
         budget=budget,
         n_train=split_size(data, p.split),
     )
-    plans = [trial_plan(ctx, trial_pretrain(ctx, t)) for t in grid(ax)]
-    # trials report every plain epoch of steps: the grace period falls on a report of each
-    clock = (max(x["total_steps"] for x in plans), c.grace_period * report_steps(ctx))
-    name = "sweep-" + stage_hash(
+    return ctx, data, mined
+
+
+def _asha_clock(c: SweepConfig, ctx: TrialContext) -> tuple[int, int]:
+    """(max_t, grace period) in optimizer steps. Trials report every plain epoch of steps:
+    the grace period falls on a report of each."""
+    plans = [trial_plan(ctx, trial_pretrain(ctx, t)) for t in grid(axes(c))]
+    return max(x["total_steps"] for x in plans), c.grace_period * report_steps(ctx)
+
+
+def _experiment_name(c: SweepConfig, ctx: TrialContext) -> str:
+    """The Tune experiment's name: a hash of all that defines the sweep, so a rerun of the
+    same sweep finds (and restores) its experiment."""
+    return "sweep-" + stage_hash(
         {
-            "data": data_fp,
-            "pairs": pairs,
+            "data": ctx.data_fp,
+            "pairs": ctx.pairs,
             "pretrain": asdict(c.pretrain),
-            "axes": ax,
+            "axes": axes(c),
             "asha": [c.grace_period, c.reduction_factor, c.metric, c.mode, "step"],
-            "budget": budget,
+            "budget": ctx.budget,
         }
     )
-    # the trial itself holds almost nothing: its Ray Train workers reserve their own resources
-    trainable = tune.with_resources(tune.with_parameters(SweepTrial, ctx=ctx), {"cpu": 0.01})
-    tuner, restored = _tuner(c, trainable, ax, name, conc, clock)
-    results = tuner.fit()
-    rows = collect_rows(results, ctx, mined)
-    if rows and all(r["status"] == "error" for r in rows):
-        raise SeppError(f"every trial failed; the first error: {rows[0]['error']}")
-    ckpts = [r["checkpoint"] for r in rows if r["checkpoint"]] if c.protocols else []
-    _, heads = eval_stage(st, ckpts, data_uri, data, c.protocols, c.pretrain.knn_k)
-    fill_eval(rows, heads)
-    experiment = f"{c.out}/tune/{name}"
-    files = write_summary(loc, rows, c, experiment)
-    finish_write(
-        loc,
-        {
-            "kind": "sweep",
-            "experiment": experiment,
-            "restored": restored,
-            "trials": len(rows),
-            "concurrency": conc,
-            "cpus_per_trial": cpus_per,
-            "scheduler": {
-                "name": "ASHA",
-                "time_attr": "step",
-                "max_t": clock[0],
-                "grace_period": clock[1],
-                "grace_period_epochs": c.grace_period,
-                "report_every_steps": report_steps(ctx),
-                "reduction_factor": c.reduction_factor,
-                "metric": c.metric,
-                "mode": c.mode,
-                "split": p.monitor_split if c.metric.startswith("knn") else None,
-            },
-            "budget_steps": budget,
-            "files": files,
-            "stages": st.timings,
-            "config": json.loads(json.dumps(asdict(c), default=str)),
-        },
-    )
-    print(f"[sweep] summary: {c.out}/summary.md; TensorBoard: {experiment}", flush=True)
+
+
+def _manifest(
+    c: SweepConfig,
+    ctx: TrialContext,
+    experiment: str,
+    run: dict[str, Any],
+    cpus_per: float,
+    clock: tuple[int, int],
+    files: dict[str, str],
+    st: Stages,
+) -> dict[str, Any]:
+    """The sweep's manifest: its experiment, the scheduler as it ran, the summary's files."""
     return {
-        "summary": f"{c.out}/summary.md",
+        "kind": "sweep",
         "experiment": experiment,
-        "restored": restored,
-        "rows": rows,
+        **run,
+        "cpus_per_trial": cpus_per,
+        "scheduler": {
+            "name": "ASHA",
+            "time_attr": "step",
+            "max_t": clock[0],
+            "grace_period": clock[1],
+            "grace_period_epochs": c.grace_period,
+            "report_every_steps": report_steps(ctx),
+            "reduction_factor": c.reduction_factor,
+            "metric": c.metric,
+            "mode": c.mode,
+            "split": c.pretrain.monitor_split if c.metric.startswith("knn") else None,
+        },
+        "budget_steps": ctx.budget,
+        "files": files,
+        "stages": st.timings,
+        "config": json.loads(json.dumps(asdict(c), default=str)),
     }
 
 

@@ -17,7 +17,10 @@ Tune's verdict; told to stop, it raises `RunStopped`, which Ray Train treats as 
 and shuts down (workers and placement group released), with no retry. A trial's run
 reports every plain-run epoch of optimizer steps and at its end (``report_every_steps``), and
 each result carries ``step``, the optimizer steps done, ASHA's clock: trials whose epochs differ
-in length (K and the thresholds change the pair items) are judged at the same steps.
+in length (K and the thresholds change the pair items) are judged at the same steps. Each
+checkpoint the run reports reaches Tune too: the result after it asks Tune to save the trial,
+and Tune's checkpoint of the trial names the run's (``run_checkpoint.json``), so Tune lists a
+trial's checkpoints and ranks them by the sweep's metric without a copy of the weights.
 """
 
 from __future__ import annotations
@@ -30,7 +33,12 @@ from ray import tune
 from ray.train import UserCallback
 from ray.util.queue import Empty, Queue
 
+from sepp_ray.train.ray_checkpoints import CHECKPOINT_ONLY, uri_of
 from sepp_ray.tune.space import TrialContext, trial_out, trial_plan, trial_pretrain
+
+# Tune's result key by which a class trainable asks for a checkpoint (``tune.result``)
+SHOULD_CHECKPOINT = "should_checkpoint"
+POINTER = "run_checkpoint.json"
 
 
 class RunStopped(Exception):
@@ -39,15 +47,22 @@ class RunStopped(Exception):
 
 class _Forward(UserCallback):
     """Runs in the Train controller: rank 0's metrics of each report go to the trial, and the
-    run waits for the trial's answer (go on, or stop) before its next epoch."""
+    run waits for the trial's answer (go on, or stop) before its next epoch. A report's
+    checkpoint goes to the trial first; a report that only carries a checkpoint (saved between
+    the run's fixed-step reports) is no result and waits for no answer."""
 
-    def __init__(self, queue: Queue, control: Queue) -> None:
+    def __init__(self, queue: Queue, control: Queue, out: str) -> None:
         self.queue = queue
         self.control = control
+        self.out = out
 
     def after_report(
         self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any
     ) -> None:
+        if checkpoint is not None:
+            self.queue.put(("checkpoint", uri_of(self.out, checkpoint), False))
+        if metrics[0].get(CHECKPOINT_ONLY):
+            return
         self.queue.put(("result", dict(metrics[0]), True))
         # a pause of one Tune round trip per report: a stopped trial's run ends at once, not
         # an epoch later with its workers still reserved
@@ -68,6 +83,8 @@ class SweepTrial(tune.Trainable):
         self.control = Queue(actor_options={"num_cpus": 0})
         self.held = False  # a live run waits for our answer to its last report
         self.last_step = 0
+        self.run_checkpoint: str | None = None  # the run's newest reported checkpoint
+        self.unsaved = False  # reported since Tune last saved this trial
         self.thread = threading.Thread(target=self._train, daemon=True)
         self.thread.start()
 
@@ -80,7 +97,7 @@ class SweepTrial(tune.Trainable):
         try:
             done = complete(self.out)
             if done is None:
-                forward = _Forward(self.queue, self.control)
+                forward = _Forward(self.queue, self.control, self.out)
                 pretrain(replace(self.cfg, out=self.out), callbacks=[forward])
             else:  # finished by an earlier sweep: replay its curve so the scheduler sees it
                 for h in done["history"]:
@@ -97,10 +114,13 @@ class SweepTrial(tune.Trainable):
     def step(self) -> dict[str, Any]:
         self._answer("go")  # Tune wants the next result: the run goes on
         kind, value, live = self.queue.get()
+        while kind == "checkpoint":  # Tune saves the trial with the result that follows
+            self.run_checkpoint, self.unsaved = value, True
+            kind, value, live = self.queue.get()
         if kind == "error":
             raise value
         if kind == "done":  # a run that reported nothing more: end the trial
-            return {**self.last, "done": True}
+            return {**self.last, "done": True, **self._save_request()}
         self.held = bool(live)
         self.last_step = min(int(value["step"]), self.plan["total_steps"])
         # Tune wants the metric in every result: reports without a kNN monitor carry the last
@@ -109,7 +129,25 @@ class SweepTrial(tune.Trainable):
             self.metric: value.get(self.metric, self.last[self.metric]),
             "step": self.last_step,
         }
-        return {**self.last, "done": self.finished}
+        return {**self.last, "done": self.finished, **self._save_request()}
+
+    def _save_request(self) -> dict[str, bool]:
+        """Ask Tune to save the trial when the run reported a checkpoint since the last save."""
+        return {SHOULD_CHECKPOINT: True} if self.unsaved else {}
+
+    def save_checkpoint(self, checkpoint_dir: str) -> None:
+        """Tune's checkpoint of the trial names the run's newest checkpoint (`POINTER`), which
+        stays where the run wrote it: nothing is copied."""
+        import json
+        import os
+
+        with open(os.path.join(checkpoint_dir, POINTER), "w") as f:
+            json.dump({"uri": self.run_checkpoint}, f)
+        self.unsaved = False
+
+    def load_checkpoint(self, checkpoint: Any) -> None:
+        """Nothing to load: a restored trial's run resumes from its own checkpoints, restored
+        by Ray Train from the run's folder."""
 
     @property
     def finished(self) -> bool:
