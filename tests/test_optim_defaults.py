@@ -19,7 +19,13 @@ from sepp_ray.methods.base import Method
 from sepp_ray.train import StepConfig, Trainer, prepare_loss_module
 from sepp_ray.train.driver import PretrainConfig
 from sepp_ray.train.optim import LARS
-from sepp_ray.train.optim_defaults import METHOD_RECIPES, config_recipe, resolve_optim
+from sepp_ray.train.optim_defaults import (
+    DINO_RESNET,
+    METHOD_RECIPES,
+    OptimRecipe,
+    config_recipe,
+    resolve_optim,
+)
 
 SIZE = 16
 
@@ -213,9 +219,16 @@ def test_readme_table_matches_the_recipes() -> None:
         for r in readme.splitlines()
         if r.startswith("| `") and r.split("|")[2].split()[0] in names.values()
     ]
-    for method, recipe in METHOD_RECIPES.items():
-        (row,) = [r for r in rows if f"`{method}`" in r.split("|")[1]]
+
+    def check(row: str, recipe: OptimRecipe, what: str) -> None:
         cells = [c.strip() for c in row.split("|")]
-        assert cells[2].split()[0] == names[recipe.optimizer], method
-        assert float(cells[3]) == recipe.base_lr, method
-        assert int(cells[5]) == recipe.warmup_epochs, method
+        assert cells[2].split()[0] == names[recipe.optimizer], what
+        assert float(cells[3]) == recipe.base_lr, what
+        assert int(cells[5]) == recipe.warmup_epochs, what
+
+    resnet = [r for r in rows if "on a ResNet" in r.split("|")[1]]
+    for method, recipe in METHOD_RECIPES.items():
+        (row,) = [r for r in rows if f"`{method}`" in r.split("|")[1] and r not in resnet]
+        check(row, recipe, method)
+    (dino_resnet,) = resnet  # DINO's ResNet recipe, chosen by the backbone's name
+    check(dino_resnet, DINO_RESNET, "dino on a ResNet")

@@ -416,10 +416,12 @@ def _manifest(
         "wall_seconds": round(wall, 2),
         "final_metrics": ckpt.get("metrics"),
         "history": history,
-        # over the whole run and all ranks: mined pairs the loss used (attracted or cancelled;
-        # 0 in dataset mode, where pairs are items), and same-image negatives (0 by the mask)
-        "pairs_used": int(sum(h.get("pairs_used", 0) for h in history)),
-        "same_image_negatives": int(sum(h.get("same_image_negatives", 0) for h in history)),
+        # over the whole run and all ranks: pair items trained on, mined pairs the loss used
+        # (attracted or cancelled), same-image negatives (0: the image mask held)
+        **{
+            k: int(sum(h.get(k, 0) for h in history))
+            for k in ("pair_items", "pairs_used", "same_image_negatives")
+        },
         "loop_starts_at_epoch": starts,
         "config": asdict(cfg),
         "pairs_per_s_mean": float(np.mean([h.get("pairs_per_s", 0) for h in history]))
