@@ -155,7 +155,9 @@ def headline(manifest: dict[str, Any]) -> str:
         # the epochs it ran: under a step budget a run with pair items runs fewer than asked
         epochs = manifest.get("epochs_run", manifest["epochs"])
         steps = f", {manifest['total_steps']} steps" if "total_steps" in manifest else ""
-        return f"{epochs} epochs{steps}{loss}{knn}"
+        plane = (manifest.get("data_plane") or {}).get("mode")
+        where = f", {plane} data" if plane else ""  # held in memory, or streamed
+        return f"{epochs} epochs{steps}{loss}{knn}{where}"
     if "checkpoints" in manifest:
         return f"{len(manifest['checkpoints'])} checkpoints evaluated"
     return "done"

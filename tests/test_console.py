@@ -94,6 +94,8 @@ def test_headlines() -> None:
     # under a step budget a run with pair items runs fewer epochs than configured: shown so
     pre.update(epochs_run=2, total_steps=30)
     assert headline(pre) == "2 epochs, 30 steps, loss 1.235, kNN top-1 0.500"
+    pre["data_plane"] = {"mode": "resident", "reason": "fits", "decoded_bytes": 1}
+    assert headline(pre) == "2 epochs, 30 steps, loss 1.235, kNN top-1 0.500, resident data"
     assert headline({"kind": "eval", "checkpoints": [1, 2]}) == "2 checkpoints evaluated"
 
 

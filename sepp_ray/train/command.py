@@ -14,6 +14,7 @@ def run_pretrain(c: PretrainConfig) -> int:
     knn = f", kNN top-1 {fm['knn_top1']:.3f}" if "knn_top1" in fm else ""
     say(
         f"pretrained {c.method} for {m['epochs']} epochs ({m['items']}) in "
-        f"{m['wall_seconds']:.0f} s{knn}; checkpoint: {m['final_checkpoint']}"
+        f"{m['wall_seconds']:.0f} s{knn}; data {m['data_plane']['mode']} "
+        f"({m['data_plane']['reason']}); checkpoint: {m['final_checkpoint']}"
     )
     return 0
