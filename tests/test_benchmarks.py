@@ -89,7 +89,9 @@ def test_pretrain_benchmark(tiny: Path, ray_cluster: str) -> None:
         + ["--loader-workers", "0"],
         ray_cluster,
     )
-    for row in ("bare step", "cpu torchvision aug DataLoader", "ray train (1 worker)"):
+    rows = ("bare step", "cpu torchvision aug DataLoader")
+    rows += ("ray train (1 worker, resident)", "ray train (1 worker, stream)")
+    for row in rows:
         assert f"| {row}" in out, out
 
 
@@ -100,3 +102,24 @@ def test_sampler_precision_benchmark(tiny: Path, ray_cluster: str) -> None:
         ray_cluster,
     )
     assert "| lower threshold | pairs |" in out and "N=" in out, out
+
+
+def test_resident_benchmark() -> None:
+    out = _run(
+        ["benchmarks.resident", "--data", str(CIFAR), "--images", "1024", "--rounds", "1"]
+        + ["--batch", "128"]
+    )
+    assert '"resident_per_s"' in out and '"stream_per_s"' in out, out
+
+
+def test_ingest_compare_benchmark() -> None:
+    out = _run(
+        ["benchmarks.ingest_compare", "--data", str(CIFAR), "--images", "1280", "--ranks", "1"]
+        + ["--rounds", "1", "--epochs", "1", "--batch", "128"]
+    )
+    assert out.strip(), out
+
+
+def test_device_decode_benchmark() -> None:
+    out = _run(["benchmarks.device_decode", "--images", "16", "--batch", "8", "--rounds", "1"])
+    assert "|" in out, out
