@@ -27,6 +27,7 @@ import time
 import numpy as np
 import torch
 
+from benchmarks.gpu_check.loader import TorchvisionPairs
 from sepp_ray.data.augment import GPUAugment
 from sepp_ray.data.dataset import ImageDataset
 from sepp_ray.data.recipes import get_recipe
@@ -107,38 +108,13 @@ def bare(args: argparse.Namespace, images: np.ndarray, device: torch.device) -> 
     return n / seconds["now"], n / seconds["before"]
 
 
-class _TorchvisionPairs(torch.utils.data.Dataset):  # type: ignore[type-arg]
-    def __init__(self, images: np.ndarray) -> None:
-        from torchvision.transforms import v2
-
-        self.images = images
-        s = images.shape[1]
-        self.t = v2.Compose(
-            [
-                v2.RandomResizedCrop(s, scale=(0.08, 1.0), antialias=True),
-                v2.RandomHorizontalFlip(),
-                v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-                v2.RandomGrayscale(p=0.2),
-                v2.ToDtype(torch.float32, scale=True),
-                v2.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-            ]
-        )
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        img = torch.from_numpy(self.images[i]).permute(2, 0, 1)
-        return self.t(img), self.t(img), i
-
-
 def cpu_aug(args: argparse.Namespace, images: np.ndarray, device: torch.device) -> float:
     from sepp_ray.train.step import LossModule
 
     tr = _trainer(args, images.shape[1], device)
     loss_module: LossModule = tr.loss_module
     loader = torch.utils.data.DataLoader(
-        _TorchvisionPairs(images),
+        TorchvisionPairs(images),
         batch_size=args.batch,
         shuffle=True,
         drop_last=True,

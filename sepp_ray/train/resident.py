@@ -248,7 +248,7 @@ def epoch_index(
     the leftovers (fewer than one global batch) differ between epochs, and the order is a pure
     function of (seed, epoch, world, rank): the same on a resumed run.
     """
-    from sepp_ray.train.feed import pack
+    from sepp_ray.train.shuffle import pack_units, ragged
 
     if not 0 <= rank < world:
         raise SeppError(f"rank {rank} outside a world of {world}")
@@ -261,10 +261,10 @@ def epoch_index(
         order = rng.permutation(len(unit))[:need]
         return order.reshape(steps, world, local)[:, rank].copy()
     members = np.argsort(inverse, kind="stable")  # items of each unit, in item order
-    bounds = np.cumsum(np.bincount(inverse))
-    units = np.split(members, bounds[:-1])
-    units = [units[i] for i in rng.permutation(len(units))]
-    batches, _ = pack(units, local, steps * world)
+    lens = np.bincount(inverse)
+    perm = rng.permutation(len(lens))  # units in a seeded order, as rows end to end
+    rows = members[ragged((np.cumsum(lens) - lens)[perm], lens[perm])]
+    batches, _ = pack_units(rows, lens[perm], local, steps * world)
     return np.stack(batches).reshape(steps, world, local)[:, rank].copy()
 
 
