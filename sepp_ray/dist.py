@@ -147,3 +147,20 @@ def all_reduce_mean(t: Tensor) -> Tensor:
     Integer inputs come back as floating point, since a mean of integers need not be one.
     """
     return all_reduce_sum(t) / world_size()
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's picklable ``obj``, in rank order (``[obj]`` without a process group): for
+    host data gathered once in a while (a re-mining round's embeddings and pairs), never per step.
+    """
+    if not is_dist():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    torch_dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing without a process group)."""
+    if is_dist():
+        torch_dist.barrier()

@@ -90,6 +90,8 @@ class Method(nn.Module):
     hparams_cls: ClassVar[type]
     pair_uses: ClassVar[frozenset[str]] = frozenset({"none"})
     needs_labels: ClassVar[bool] = False
+    # the attribute holding the momentum / target / teacher backbone (MoCo, BYOL, DINO), if any
+    momentum_attr: ClassVar[str | None] = None
 
     def __init__(self, backbone: nn.Module, feat_dim: int, hp: Any) -> None:
         super().__init__()
@@ -100,6 +102,11 @@ class Method(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Backbone features (N x feat_dim), what evaluation and pair mining embed with."""
         return self.backbone(x)
+
+    def momentum_backbone_or_none(self) -> nn.Module | None:
+        """The momentum (target, teacher) backbone, a slowly moving average of the online one;
+        None for a method without one."""
+        return getattr(self, self.momentum_attr) if self.momentum_attr else None
 
     def training_loss(
         self,

@@ -46,6 +46,8 @@ class BYOLHParams:
 class BYOL(Method):
     """Symmetrised BYOL loss; target = EMA of backbone + projector, updated after each step."""
 
+    momentum_attr = "target_backbone"
+
     default_recipe = "byol"
     hparams_cls = BYOLHParams
 

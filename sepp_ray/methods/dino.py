@@ -92,6 +92,8 @@ class DINO(Method):
     `views[0]` and `views[1]` are the global crops, any further views are local crops.
     """
 
+    momentum_attr = "teacher_backbone"
+
     default_recipe = "dino"
     hparams_cls = DINOHParams
 

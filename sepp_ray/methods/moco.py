@@ -80,6 +80,8 @@ class MoCoV2(Method):
     of the softmax. No shuffle-BN: use SyncBN or per-rank BN, as solo-learn does.
     """
 
+    momentum_attr = "momentum_backbone"
+
     default_recipe = "mocov2"
     hparams_cls = MoCoV2HParams
     pair_uses = frozenset({"none", "attract", "cancel"})

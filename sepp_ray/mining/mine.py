@@ -286,18 +286,51 @@ def mine(
     anchors, pairs, near, workers = run_search(emb_uri, cfg, splits)
     seconds = time.perf_counter() - t0
     emb_manifest = read_manifest(emb_uri)
-    labels_by_id = embedding_labels(emb_uri)
+    body = pairs_result(
+        loc,
+        cfg,
+        Mined(anchors, pairs, near),
+        n=int(emb_manifest["num_embeddings"]),
+        labels_by_id=embedding_labels(emb_uri),
+        classes=emb_manifest["dataset"].get("classes", []),
+    )
+    return {
+        **body,
+        "encoder": emb_manifest["encoder"],
+        "embeddings": emb_uri,
+        "dataset": emb_manifest["dataset"],
+        "splits": emb_manifest.get("splits"),
+        "workers": workers,
+        "search_seconds": round(seconds, 3),
+    }
+
+
+@dataclass(frozen=True)
+class Mined:
+    """What one search found: the anchors, their pairs in [lo, hi] and each anchor's nearest
+    images below hi (the diagnostics' candidates)."""
+
+    anchors: np.ndarray
+    pairs: Pairs
+    near: Pairs
+
+
+def pairs_result(
+    loc: Location,
+    cfg: MineConfig,
+    mined: Mined,
+    *,
+    n: int,
+    labels_by_id: dict[int, int] | None,
+    classes: list[str],
+) -> dict[str, Any]:
+    """Write the pairs and candidates of a search into ``loc`` and return the body of their
+    manifest: counts, statistics and precision where labels exist (`sepp mine` and a
+    pretraining run's re-mining rounds write the same result)."""
+    anchors, pairs, near = mined.anchors, mined.pairs, mined.near
     # rank 1 of this union is each anchor's nearest image below hi; at or above lo it is the pairs
     seen = Pairs.concat([pairs, below_lo(near, cfg.lo)])
-    stats = pair_statistics(
-        pairs,
-        seen,
-        anchors,
-        cfg.lo,
-        cfg.hi,
-        labels_by_id,
-        emb_manifest["dataset"].get("classes", []),
-    )
+    stats = pair_statistics(pairs, seen, anchors, cfg.lo, cfg.hi, labels_by_id, classes)
     files = {
         "pairs": _write_pairs(loc, PAIRS_DIR, pairs),
         "candidates": _write_pairs(loc, CANDIDATES_DIR, near),
@@ -306,25 +339,19 @@ def mine(
     body: dict[str, Any] = {
         "kind": "pairs",
         "config": asdict(cfg),
-        "encoder": emb_manifest["encoder"],
-        "embeddings": emb_uri,
-        "dataset": emb_manifest["dataset"],
-        "n": int(emb_manifest["num_embeddings"]),
+        "n": n,
         "k": int(len(anchors)),
-        "anchor_fraction": round(len(anchors) / int(emb_manifest["num_embeddings"]), 6),
+        "anchor_fraction": round(len(anchors) / max(1, n), 6),
         "lo": cfg.lo,
         "hi": cfg.hi,
         "m": cfg.m,
         "max_pairs": cfg.max_pairs,
-        "splits": emb_manifest.get("splits"),
         "num_pairs": int(len(pairs)),
         "anchors_with_positive": int(len(per_anchor)),
         "positives_per_anchor": positives_per_anchor(pairs.anchor_id, len(anchors)),
         "candidates_per_anchor": NEIGHBOURS,
         **stats,
         "files": files,
-        "workers": workers,
-        "search_seconds": round(seconds, 3),
     }
     if len(pairs) == 0:
         best = float(near.similarity.max()) if len(near) else float("nan")

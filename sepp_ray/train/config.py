@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from sepp_ray.data.recipes import TwoViewRecipe
     from sepp_ray.train.dataplane import DataPlan
     from sepp_ray.train.optim_defaults import OptimRecipe
+    from sepp_ray.train.remine import RemineSpec
     from sepp_ray.train.resident import ResidentPlan
 
 
@@ -186,6 +187,34 @@ class PretrainConfig:
         self.pairs.validate()
         if self.pairs.pairs:  # a mode the method cannot honour fails here, not after training
             check_pair_use(self.method, pair_use_of_mode(self.pairs.mode))
+        if self.pairs.remine_every is not None:
+            self._validate_remining()
+
+    def _validate_remining(self) -> None:
+        """Re-mining rounds need the resident plane (the training workers embed the split they
+        hold) and, for ``remine_encoder=momentum``, a method with a momentum encoder."""
+        from sepp_ray.methods import method_class
+
+        every = self.pairs.remine_every
+        assert every is not None
+        if self.budget_steps is None and every >= self.epochs:
+            raise SeppError(
+                f"pairs.remine_every={every} with epochs={self.epochs}: no round would re-mine; "
+                "lower remine_every or train longer"
+            )
+        if self.pairs.remine_encoder == "momentum" and not method_class(self.method).momentum_attr:
+            raise SeppError(
+                f"pairs.remine_encoder=momentum: method {self.method} has no momentum encoder "
+                "(moco, byol and dino do); use auto or online"
+            )
+        streamed = "data_plane=stream" if self.data_plane == "stream" else None
+        streamed = streamed or ("decode_on=gpu" if self.decode_on == "gpu" else None)
+        if streamed:
+            raise SeppError(
+                f"pairs.remine_every cannot apply with {streamed}: re-mining rounds embed the "
+                "split the training workers hold decoded (the resident data plane); use "
+                "data_plane=auto or resident"
+            )
 
 
 def _at_least(cfg: object, low: float, *names: str) -> None:
@@ -245,6 +274,8 @@ class WorkerConfig:
     # the schedule's epoch (the plain run's; 0: the data epoch) and the reporting interval
     reference_steps_per_epoch: int = 0
     report_every_steps: int | None = None
+    # re-mining rounds (None: the pairs are mined once)
+    remine: RemineSpec | None = None
 
     def __post_init__(self) -> None:
         """The run's invariants: a violation is a driver bug, caught before any worker starts."""

@@ -22,7 +22,6 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from sepp_ray.data.dataset import ImageDataset
 from sepp_ray.errors import SeppError
@@ -181,11 +180,9 @@ def _item_plan(cfg: PretrainConfig) -> tuple[ItemPlan, str]:
     from sepp_ray.train.step import pair_use_of_mode
 
     pairs = _read_pairs_table(cfg.pairs.pairs) if cfg.pairs.pairs else None
-    curated = None
-    if cfg.pairs.curated:
-        loc = Location(cfg.pairs.curated)
-        with loc.fs.open(loc.path, "rb") as f:
-            curated = pq.read_table(f, columns=["image_a", "image_b"])
+    from sepp_ray.train.items import read_curated
+
+    curated = read_curated(cfg.pairs.curated) if cfg.pairs.curated else None
     plan = plan_items(pairs, curated, cfg.pairs, cfg.seed)
     pair_use = pair_use_of_mode(cfg.pairs.mode) if pairs is not None else "none"
     return plan, pair_use
@@ -221,9 +218,10 @@ def _claim_output(cfg: PretrainConfig) -> tuple[Location, tuple[int, str] | None
     resumes from."""
     from sepp_ray.train.dataplane import ITEMS_DIR
     from sepp_ray.train.ray_checkpoints import restored_from
+    from sepp_ray.train.remine import ROUNDS_DIR
     from sepp_ray.train.state import CKPT_DIR
 
-    keep = (CKPT_DIR, "tensorboard", ITEMS_DIR) if not cfg.overwrite else ()
+    keep = (CKPT_DIR, "tensorboard", ITEMS_DIR, ROUNDS_DIR) if not cfg.overwrite else ()
     if not cfg.overwrite:
         _check_resumable(cfg)
     loc = begin_write(cfg.out, overwrite=cfg.overwrite, keep=keep)
@@ -243,6 +241,7 @@ def _resolve(
     """Plan the data (resident or streamed), the schedule that follows the plain run, and the
     kNN monitor; resolve it all into the one `WorkerConfig` every rank reads."""
     from sepp_ray.train.budget import pair_share_warning, split_size
+    from sepp_ray.train.remine import plan_remining
     from sepp_ray.train.schedule import plan_schedule
 
     recipe, spec = augment
@@ -265,7 +264,8 @@ def _resolve(
     crowded = pair_share_warning(counts)
     if crowded:
         log.warning(crowded)
-    worker = _worker_config(cfg, ds, data, recipe, size, pair_use, schedule)
+    remine = plan_remining(cfg, ds.classes, choice.mode, data.epochs)
+    worker = replace(_worker_config(cfg, ds, data, recipe, size, pair_use, schedule), remine=remine)
     return _Run(worker, spec, counts, schedule, crowded, use_gpu)
 
 
@@ -357,11 +357,13 @@ def _final_checkpoint(cfg: PretrainConfig, loc: Location, result: Result, epochs
     """The run's final checkpoint; a SeppError for a run that failed, whose batch did not fit
     the GPUs, whose loss diverged, or that ended without it."""
     from sepp_ray.train.preflight import check_preflight
+    from sepp_ray.train.remine import check_round_failed
     from sepp_ray.train.state import CKPT_DIR, DIVERGED, latest_checkpoint
 
     if result.error is not None:
         raise SeppError(f"training failed: {result.error}")
     check_preflight(loc)  # a local batch too big for the GPUs: the error rank 0 left
+    check_round_failed(cfg.out)  # a re-mining round that could not be mined
     if loc.exists(DIVERGED):
         error = json.loads(loc.read_bytes(DIVERGED))["error"]
         loc.fs.rm(loc.join(DIVERGED))
@@ -423,11 +425,21 @@ def _manifest(
             for k in ("pair_items", "pairs_used", "same_image_negatives")
         },
         "loop_starts_at_epoch": starts,
+        **_rounds_of(w, data.epochs),
         "config": asdict(cfg),
         "pairs_per_s_mean": float(np.mean([h.get("pairs_per_s", 0) for h in history]))
         if history
         else math.nan,
     }
+
+
+def _rounds_of(w: WorkerConfig, epochs: int) -> dict[str, Any]:
+    """The manifest's re-mining: its settings and every round's pairs, count and precision."""
+    from sepp_ray.train.remine import mining_dict, summarise_rounds
+
+    if w.remine is None:
+        return {}
+    return {"remine": mining_dict(w.remine), "rounds": summarise_rounds(w.remine, w.out, epochs)}
 
 
 def _epoch_steps(cfg: PretrainConfig, n_items: int) -> tuple[int, int]:

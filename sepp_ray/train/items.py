@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 MODES = ("none", "dataset", "multi_positive", "both", "cancel")
 GROUP_MODES = ("multi_positive", "both", "cancel")  # pairs used in the loss: grouped images
 ORIGINAL, SEMANTIC, CURATED, AUGMENTATION, GROUPED = 0, 1, 2, 3, 4
+REMINE_ENCODERS = ("auto", "momentum", "online")
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,17 @@ class PairsConfig:
         "AP baseline: replace each semantic pair item by an item of one image twice (same count)",
     )
     max_positives: int = opt(4, "multi_positive / cancel: positives kept per image")
+    remine_every: int | None = opt(
+        None,
+        "re-mine the pairs every this many epochs with the encoder in training (its training "
+        "split embedded by the training workers, mined with the first pairs' mining config); "
+        "the steps, learning rate and optimizer go on unchanged; none: mine once",
+    )
+    remine_encoder: str = opt(
+        "auto",
+        "the encoder a re-mining round embeds with: auto (the momentum or teacher encoder "
+        "where the method has one, else the online backbone), momentum, online",
+    )
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -74,6 +86,43 @@ class PairsConfig:
             )
         if self.augmentation_pairs and not self.pairs:
             raise SeppError("pairs.augmentation_pairs needs pairs.pairs (it matches their count)")
+        self._validate_remining()
+
+    def _validate_remining(self) -> None:
+        """Re-mining replaces mined semantic pairs: where there are none, it cannot apply."""
+        if self.remine_encoder not in REMINE_ENCODERS:
+            raise SeppError(
+                f"pairs.remine_encoder must be one of {REMINE_ENCODERS}, "
+                f"got {self.remine_encoder!r}"
+            )
+        if self.remine_every is None:
+            return
+        if isinstance(self.remine_every, bool) or self.remine_every < 1:
+            raise SeppError(
+                f"pairs.remine_every must be >= 1 epochs or none, got {self.remine_every}"
+            )
+        why = None
+        if not self.pairs:
+            why = "it needs pairs.pairs, the first round's pairs (the sampler's)"
+        elif self.mode == "none":
+            why = "pairs.mode=none trains without the pairs"
+        elif self.augmentation_pairs:
+            why = "augmentation pairs (the AP control) use no mined pair"
+        elif self.curated_only:
+            why = "pairs.curated_only trains on the curated pairs alone"
+        if why:
+            raise SeppError(f"pairs.remine_every cannot apply: {why}")
+
+
+def read_curated(uri: str) -> pa.Table:
+    """A curated pairs table's id columns (image_a, image_b)."""
+    import pyarrow.parquet as pq
+
+    from sepp_ray.storage import Location
+
+    loc = Location(uri)
+    with loc.fs.open(loc.path, "rb") as f:
+        return pq.read_table(f, columns=["image_a", "image_b"])
 
 
 def derived_id(*parts: int | str) -> int:

@@ -125,6 +125,7 @@ class Reports:
         self.epoch_end = -1  # the global step at which the epoch being trained ends
         self.saves = False  # whether that epoch ends with a checkpoint
         self.held: tuple[dict[str, Any], int] | None = None  # its end's report, held for it
+        self.round: int | None = None  # the re-mining round being trained (None: mined once)
 
     def begin_epoch(self, epoch: int) -> None:
         data = self.cfg.data
@@ -138,7 +139,8 @@ class Reports:
 
     def record(self, metrics: dict[str, Any]) -> None:
         """The history entry (saved with the next checkpoint; the manifest's history)."""
-        self.history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        entry = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        self.history.append(entry if self.round is None else {**entry, "round": self.round})
 
     def publish(self, metrics: dict[str, Any], x: int, where: str, saved: int | None) -> None:
         """TensorBoard at ``x`` and the console (rank 0), then every rank reports, with the
@@ -200,5 +202,7 @@ class Reports:
 
 def saves_after(cfg: WorkerConfig, done: int) -> bool:
     """Whether a checkpoint follows epoch ``done`` (counted from 1): every
-    ``checkpoint_every`` epochs, and the last."""
-    return done % cfg.checkpoint_every == 0 or done == cfg.data.epochs
+    ``checkpoint_every`` epochs, before every re-mining round, and the last."""
+    at_round = cfg.remine is not None and done % cfg.remine.every == 0
+    # a round's first epoch always has a checkpoint: a run that dies mid-round redoes it from there
+    return done % cfg.checkpoint_every == 0 or done == cfg.data.epochs or at_round

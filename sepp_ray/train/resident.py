@@ -238,7 +238,15 @@ def index_items(items: ResidentItems, ids: np.ndarray) -> ItemIndex:
 
 
 def epoch_index(
-    unit: np.ndarray, seed: int, epoch: int, world: int, rank: int, steps: int, local: int
+    unit: np.ndarray,
+    seed: int,
+    epoch: int,
+    world: int,
+    rank: int,
+    steps: int,
+    local: int,
+    *,
+    cycle: bool = False,
 ) -> np.ndarray:
     """This rank's items of ``epoch`` as a ``steps x local`` matrix of item indices.
 
@@ -253,16 +261,17 @@ def epoch_index(
     if not 0 <= rank < world:
         raise SeppError(f"rank {rank} outside a world of {world}")
     need = steps * world * local
-    if need > len(unit):
+    if need > len(unit) and not cycle:
         raise SeppError(f"{world} ranks x {steps} steps x {local} items exceed {len(unit)} items")
+    passes = max(1, -(-need // max(1, len(unit)))) if cycle else 1
     rng = np.random.default_rng([seed, epoch, 0x2E51])
     _, first, inverse = np.unique(unit, return_index=True, return_inverse=True)
-    if len(first) == len(unit):  # no groups: a plain permutation
-        order = rng.permutation(len(unit))[:need]
+    if len(first) == len(unit):  # no groups: a plain permutation (one per pass)
+        order = np.concatenate([rng.permutation(len(unit)) for _ in range(passes)])[:need]
         return order.reshape(steps, world, local)[:, rank].copy()
     members = np.argsort(inverse, kind="stable")  # items of each unit, in item order
     lens = np.bincount(inverse)
-    perm = rng.permutation(len(lens))  # units in a seeded order, as rows end to end
+    perm = np.concatenate([rng.permutation(len(lens)) for _ in range(passes + 1 if cycle else 1)])
     rows = members[ragged((np.cumsum(lens) - lens)[perm], lens[perm])]
     batches, _ = pack_units(rows, lens[perm], local, steps * world)
     return np.stack(batches).reshape(steps, world, local)[:, rank].copy()
@@ -312,10 +321,11 @@ class ResidentFeed:
                 f"the split holds {len(ids)} images, the plan counted {plan.images}: the data "
                 "changed under a running job"
             )
+        self.host_ids, self.host_labels = ids, labels
         index = index_items(plan.items, ids)
         if index.rows != plan.rows:
             raise SeppError(f"{index.rows} items indexed, the plan counted {plan.rows}")
-        self.unit = index.unit
+        self.cycle = False  # the plan's items always fill an epoch
         if host_only is None:
             host_only = self.device.type == "cuda" and _too_big(images.nbytes, self.device)
         self.host_only = host_only
@@ -326,12 +336,33 @@ class ResidentFeed:
         self.images = t.to(self.where)
         self.labels = torch.from_numpy(labels).to(self.where)
         self.ids = torch.from_numpy(ids).to(self.where)
+        self._hold(index)
+
+    def _hold(self, index: ItemIndex) -> None:
+        import torch
 
         def put(x: np.ndarray) -> Any:
             return torch.from_numpy(np.ascontiguousarray(x)).to(self.where)
 
+        self.unit = index.unit
         self.row_a, self.row_b = put(index.row_a), put(index.row_b)
         self.item_id, self.group, self.pos = put(index.item_id), put(index.group), put(index.pos)
+
+    def set_items(self, items: ResidentItems) -> None:
+        """Train on ``items`` from now on (a re-mining round's). The epoch keeps the plan's
+        step count: a round with fewer items than an epoch takes repeats them, in a fresh
+        seeded order each pass (`epoch_index` with ``cycle``)."""
+        self._hold(index_items(items, self.host_ids))
+        self.cycle = True
+
+    def labels_by_id(self) -> dict[int, int] | None:
+        """The split's known labels by image id (None when it has none): pair precision."""
+        known = self.host_labels >= 0
+        if not known.any():
+            return None
+        return dict(
+            zip(self.host_ids[known].tolist(), self.host_labels[known].tolist(), strict=True)
+        )
 
     def batches(self, epoch: int, world: int, rank: int) -> Iterator[dict[str, Any]]:
         """This rank's batches of ``epoch``: dicts of tensors on the training device, in the
@@ -341,7 +372,9 @@ class ResidentFeed:
         plan = self.plan
         steps = plan.steps_in(epoch)
         local = plan.local_batch(world)
-        order = epoch_index(self.unit, plan.seed, epoch, world, rank, steps, local)
+        order = epoch_index(
+            self.unit, plan.seed, epoch, world, rank, steps, local, cycle=self.cycle
+        )
         order_t = torch.from_numpy(order).to(self.where)
         for s in range(steps):
             batch = self._gather(order_t[s])

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from sepp_ray.train.config import WorkerConfig
     from sepp_ray.train.dataplane import DataPlan
     from sepp_ray.train.feed import RankFeed
+    from sepp_ray.train.remine import Rounds
     from sepp_ray.train.resident import ResidentFeed, ResidentPlan
     from sepp_ray.train.step import Trainer
 
@@ -341,9 +342,13 @@ def _train_epochs(
         if isinstance(data, ResidentPlan)
         else data.stream(where.world, where.rank, progress.start)
     )
+    rounds = _rounds(cfg, where, model, resident)
     model.method.train()
     epochs = data.epochs  # the plan's: a step budget may stop the last one part way
     for epoch in range(progress.start, epochs):
+        if rounds is not None and not rounds.before_epoch(epoch):
+            return  # the round could not be mined: rank 0 left the reason for the driver
+        reports.round = rounds.current if rounds is not None else None
         t0 = time.perf_counter()
         batches = _epoch_batches(
             data, resident, epoch, where.world, where.rank, where.device, stream
@@ -355,6 +360,21 @@ def _train_epochs(
         if where.rank == 0:
             write_progress(cfg.out, epoch + 1, epochs, metrics)
         reports.end_epoch(metrics, epoch, saved)
+
+
+def _rounds(
+    cfg: WorkerConfig, where: _Rank, model: _Model, resident: ResidentFeed | None
+) -> Rounds | None:
+    """This rank's re-mining rounds (None when the run mines once)."""
+    from sepp_ray.train.remine import Rounds
+
+    if cfg.remine is None:
+        return None
+    assert resident is not None  # the driver refuses re-mining on the streaming plane
+    meta = model.meta
+    mean = torch.tensor(meta.mean, device=where.device).view(1, 3, 1, 1)
+    std = torch.tensor(meta.std, device=where.device).view(1, 3, 1, 1)
+    return Rounds(cfg.remine, cfg.out, resident, model.method, (mean, std), cfg.image_size)
 
 
 def _train_epoch(

@@ -1,0 +1,185 @@
+"""Re-mining in a pretraining run on Ray Train (the session's cluster): round 2's pairs come
+from round 1's checkpoint and can be mined again from it; the steps and the learning rate at
+every step are those of the same run without re-mining; a worker killed at a round resumes and
+trains on the same pairs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from sepp_ray.data.dataset import ImageDataset
+from sepp_ray.data.ingest import ingest
+from sepp_ray.data.sources import SourceOptions, open_source
+from sepp_ray.methods import create_method
+from sepp_ray.mining.command import mine_command
+from sepp_ray.mining.encoder import EncoderConfig
+from sepp_ray.mining.mine import MineConfig
+from sepp_ray.models.checkpoint import load_backbone
+from sepp_ray.storage import read_manifest
+from sepp_ray.train.census import census
+from sepp_ray.train.dataplane import image_files
+from sepp_ray.train.driver import PretrainConfig, pretrain
+from sepp_ray.train.items import PairsConfig, plan_items
+from sepp_ray.train.remine import RemineSpec, Rounds, mining_config_of, round_uri
+from sepp_ray.train.resident import (
+    PlaneChoice,
+    ResidentFeed,
+    ResidentItems,
+    ResidentPlan,
+    decode_chunk,
+)
+from sepp_ray.train.state import checkpoint_uri, load_training_state
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory, ray_cluster: str) -> tuple[str, str]:
+    base = tmp_path_factory.mktemp("remine")
+    images = str(base / "syn")
+    ingest(open_source("synthetic", options=SourceOptions(n=120, size=16, chunk_size=40)), images)
+    pairs = str(base / "pairs")
+    mine_command(
+        images,
+        pairs,
+        EncoderConfig(name="resnet18", cifar_stem=True, image_size=16),
+        MineConfig(lo=-1.0, hi=0.9999, k=20, m=1),  # each anchor's nearest image: 20 pairs
+        splits=["train"],
+        actors=None,
+        overwrite=False,
+        config={},
+    )
+    return images, pairs
+
+
+def _cfg(
+    images: str, pairs: str | None, out: Path, remine: int | None, **kw: object
+) -> PretrainConfig:
+    settings: dict[str, object] = dict(
+        dataset=images,
+        out=str(out),
+        backbone="test_resnet",
+        epochs=3,
+        batch_size=32,
+        warmup_epochs=1,
+        knn_every=1,
+        knn_k=20,
+        base_lr=0.1,
+        cpus_per_worker=0.5,
+        keep_checkpoints=0,  # keep every checkpoint: round 1's last one is mined from below
+        pairs=PairsConfig(pairs=pairs, remine_every=remine),
+    )
+    settings.update(kw)
+    return PretrainConfig(**settings)  # type: ignore[arg-type]
+
+
+def _pairs(uri: str) -> list[tuple[int, int]]:
+    m = read_manifest(uri)
+    t = pq.read_table(str(Path(uri) / m["files"]["pairs"]))
+    return sorted(zip(t["anchor_id"].to_pylist(), t["positive_id"].to_pylist(), strict=True))
+
+
+def _remine_from_checkpoint(images: str, pairs: str, ckpt: str, out: Path) -> str:
+    """Round 2 mined again in this process from round 1's last checkpoint."""
+    ds = ImageDataset.open(images)
+    chunks = census(image_files(ds), "images", "train", None)
+    parts = [decode_chunk(c, "train", (16, 16)) for c in chunks]
+    n = sum(len(p["id"]) for p in parts)
+    items = ResidentItems.of(plan_items(None, None, PairsConfig(mode="none"), 0), 1)
+    choice = PlaneChoice("resident", "test", 0)
+    feed = ResidentFeed(ResidentPlan(parts, (16, 16), n, items, 32, 1, 1, 0, choice), "cpu")
+    torch.manual_seed(0)
+    method = create_method("simclr", backbone="test_resnet", cifar_stem=True)
+    state, _ = load_training_state(ckpt)
+    method.load_state_dict(state["method"])
+    _, meta, _ = load_backbone(ckpt)
+    norm = (torch.tensor(meta.mean).view(1, 3, 1, 1), torch.tensor(meta.std).view(1, 3, 1, 1))
+    spec = RemineSpec(
+        every=1,
+        encoder="online",
+        mining=mining_config_of(pairs),
+        pairs=PairsConfig(pairs=pairs, remine_every=1),
+        first_pairs=pairs,
+        dataset=images,
+        split="train",
+        classes=ds.classes,
+        seed=0,
+    )
+    assert Rounds(spec, str(out), feed, method, norm, 16).before_epoch(1)
+    return round_uri(str(out), 2)
+
+
+def test_round_2_is_mined_from_round_1_s_checkpoint_at_the_plain_schedule(
+    data: tuple[str, str], tmp_path: Path
+) -> None:
+    images, pairs = data
+    run = tmp_path / "remine"
+    m = pretrain(_cfg(images, pairs, run, 1, report_every_steps=1))
+    once = pretrain(_cfg(images, pairs, tmp_path / "once", None, report_every_steps=1))
+    # the same steps, and the same learning rate at every one of them
+    assert (
+        m["total_steps"] == once["total_steps"] and m["steps_per_epoch"] == once["steps_per_epoch"]
+    )
+    assert [h["step"] for h in m["history"]] == [h["step"] for h in once["history"]]
+    assert [h["lr"] for h in m["history"]] == [h["lr"] for h in once["history"]]
+    # three rounds: the sampler's, then one mined before each later epoch
+    rounds = m["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3] and [r["start_epoch"] for r in rounds] == [
+        0,
+        1,
+        2,
+    ]
+    assert rounds[0]["pairs"] == pairs and rounds[0]["encoder"] == "sampler"
+    assert all(r["num_pairs"] == 20 and 0.0 <= r["precision"] <= 1.0 for r in rounds)
+    assert m["remine"]["every"] == 1 and m["remine"]["encoder"] == "online"
+    spe = m["steps_per_epoch"]  # every step's report names the round it trained on
+    assert [h["round"] for h in m["history"]] == [1] * spe + [2] * spe + [3] * spe
+    r2 = read_manifest(round_uri(str(run), 2))
+    assert r2["encoder_checkpoint_epoch"] == 1 and r2["config"] == read_manifest(pairs)["config"]
+    # round 2 differs from the sampler's pairs, and is mined again from round 1's checkpoint
+    assert _pairs(round_uri(str(run), 2)) != _pairs(pairs)
+    again = _remine_from_checkpoint(images, pairs, checkpoint_uri(str(run), 1), tmp_path / "again")
+    assert _pairs(again) == _pairs(round_uri(str(run), 2))
+    assert "rounds" not in once
+
+
+@pytest.mark.slow
+def test_a_worker_killed_at_a_round_resumes_with_the_same_pairs(
+    data: tuple[str, str], tmp_path: Path
+) -> None:
+    images, pairs = data
+    run = tmp_path / "run"
+    killed: list[int] = []
+
+    def kill_once_round_1_is_saved() -> None:
+        deadline = time.time() + 300
+        ckpt = Path(checkpoint_uri(str(run), 1)) / "manifest.json"
+        while time.time() < deadline and not ckpt.exists():
+            time.sleep(0.05)
+        for pid in (int(d) for d in os.listdir("/proc") if d.isdigit()):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if "RayTrainWorker" in cmdline:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                return
+
+    t = threading.Thread(target=kill_once_round_1_is_saved, daemon=True)
+    t.start()
+    m = pretrain(_cfg(images, pairs, run, 1, max_failures=2))
+    t.join(timeout=5)
+    assert killed, "no training worker was found to kill"
+    assert len(m["loop_starts_at_epoch"]) == 2
+    again = _remine_from_checkpoint(images, pairs, checkpoint_uri(str(run), 1), tmp_path / "again")
+    assert _pairs(again) == _pairs(round_uri(str(run), 2))
+    assert [r["round"] for r in m["rounds"]] == [1, 2, 3]
