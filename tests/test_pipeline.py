@@ -4,6 +4,7 @@ reuse of complete stages; the arms' pairs, the per-arm statistics and the budget
 from __future__ import annotations
 
 import statistics
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,8 @@ def test_every_arm_takes_the_plain_runs_steps_and_a_rerun_reuses_every_stage(
         (["arms=[plain,sp,sp]"], "listed twice"),
         (["arms=[plain,curated]"], "curated=TABLE"),
         (["seeds=0"], "seeds"),
+        (["remine_every=2"], "add sp-remine to arms"),
+        (["arms=[plain,sp-remine]", "pretrain.data_plane=stream"], "data_plane=stream"),
         (["pretrain.method=byol", "arms=[plain,cancel]"], "byol"),
         (["pretrain.method=simclr2"], "simclr2"),
         (["mining.lo=1.5"], "lo"),
@@ -103,7 +106,8 @@ def test_bad_settings_fail_before_any_stage_runs(
 
 
 def test_each_arm_uses_the_pairs_its_own_way() -> None:
-    got = {arm: arm_pairs(arm, "P", "C") for arm in ARMS}
+    c = load(PipelineConfig, None, ["arms=[plain,sp-remine]", "pretrain.epochs=8"])
+    got = {arm: arm_pairs(arm, "P", "C", c) for arm in ARMS}
     assert got["plain"].mode == "none" and got["plain"].pairs is None
     assert (got["ap"].pairs, got["ap"].mode, got["ap"].augmentation_pairs) == ("P", "dataset", True)
     assert (got["sp"].pairs, got["sp"].mode, got["sp"].augmentation_pairs) == (
@@ -115,6 +119,12 @@ def test_each_arm_uses_the_pairs_its_own_way() -> None:
     assert (got["cancel"].pairs, got["cancel"].mode) == ("P", "cancel")
     assert (got["curated"].pairs, got["curated"].curated) == (None, "C")
     assert got["curated"].mode == "dataset"
+    # sp: mined once; sp-remine: the same pairs, re-mined every quarter of the run by default
+    remine = got["sp-remine"]
+    assert (remine.pairs, remine.mode, remine.augmentation_pairs) == ("P", "dataset", False)
+    assert got["sp"].remine_every is None and remine.remine_every == 2
+    every = arm_pairs("sp-remine", "P", None, replace(c, remine_every=3)).remine_every
+    assert every == 3
 
 
 def _rows(arm: str, knn: dict[int, float]) -> list[dict[str, Any]]:
@@ -184,7 +194,8 @@ def _fake_stages(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Any]]:
 def test_sampler_per_seed_bootstraps_and_mines_again_for_each_seed(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from sepp_ray.flow.pipeline import sampler_lines, samplers
+    from sepp_ray.flow.pipeline import samplers
+    from sepp_ray.flow.pipeline_report import sampler_lines
 
     calls = _fake_stages(monkeypatch)
     cfg = load(PipelineConfig, None, ["seeds=3", "pretrain.seed=7", "sampler_per_seed=true"])
@@ -207,7 +218,8 @@ def test_sampler_per_seed_bootstraps_and_mines_again_for_each_seed(
 def test_one_sampler_serves_every_seed_by_default_and_a_given_one_is_not_capped(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from sepp_ray.flow.pipeline import sampler_lines, samplers
+    from sepp_ray.flow.pipeline import samplers
+    from sepp_ray.flow.pipeline_report import sampler_lines
 
     calls = _fake_stages(monkeypatch)
     cfg = load(PipelineConfig, None, ["seeds=2", "mining.m=9"])

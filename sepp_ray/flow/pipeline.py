@@ -15,9 +15,7 @@ arm the mean and spread over seeds and the paired difference to plain at the sam
 
 from __future__ import annotations
 
-import json
 import logging
-import statistics
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -25,6 +23,7 @@ from sepp_ray.config import opt
 from sepp_ray.console import say
 from sepp_ray.data.dataset import dataset_fingerprint
 from sepp_ray.errors import SeppError
+from sepp_ray.flow.pipeline_report import METRICS, summarize, write_pipeline_report
 from sepp_ray.flow.stages import (
     FlowConfig,
     Stages,
@@ -34,7 +33,7 @@ from sepp_ray.flow.stages import (
     train_stage,
 )
 from sepp_ray.mining.mine import MineConfig
-from sepp_ray.storage import Location, absolute, filesystem
+from sepp_ray.storage import absolute
 from sepp_ray.train.budget import plain_steps
 from sepp_ray.train.items import PairsConfig
 
@@ -47,10 +46,11 @@ ARMS: dict[str, tuple[str, bool]] = {
     "multi_positive": ("multi_positive", False),
     "cancel": ("cancel", False),  # false-negative cancellation (Huynh et al., WACV 2022)
     "curated": ("dataset", False),  # a curated semantic-pairs table (arXiv 2510.08722)
+    # semantic pairs re-mined every `remine_every` epochs by the encoder in training
+    "sp-remine": ("dataset", False),
 }
-MINED = ("ap", "sp", "multi_positive", "cancel")  # the arms that need mined pairs
+MINED = ("ap", "sp", "multi_positive", "cancel", "sp-remine")  # the arms that need mined pairs
 USES = {"multi_positive": "attract", "cancel": "cancel"}  # pairs in the loss: not every method
-METRICS = (("kNN top-1", "knn"), ("linear top-1", "linear"))
 # A bootstrapped sampler is a short plain run: a weak encoder whose similarities crowd near 1,
 # so a window like [0.9, 0.99] accepts hundreds of positives per anchor (386 per anchor on a
 # 20-class ImageNet subset after 2 bootstrap epochs) and the pair items swamp the originals.
@@ -65,7 +65,16 @@ class PipelineConfig(FlowConfig):
     arms: list[str] = opt(
         ["plain", "ap", "sp"],
         "what to train and compare: plain, ap (augmentation pairs), sp (semantic pairs), "
-        "multi_positive, cancel (false-negative cancellation), curated (needs `curated`)",
+        "multi_positive, cancel (false-negative cancellation), curated (needs `curated`), "
+        "sp-remine (semantic pairs re-mined during training, every `remine_every` epochs)",
+    )
+    remine_every: int | None = opt(
+        None,
+        "the sp-remine arm's epochs between re-mining rounds (default: a quarter of "
+        "pretrain.epochs, at least 1)",
+    )
+    remine_encoder: str = opt(
+        "auto", "the sp-remine arm's encoder: auto (momentum where the method has one), online"
     )
     seeds: int = opt(3, "runs per arm, seeded pretrain.seed, +1, ...; arms share each seed")
     curated: str | None = opt(None, "the curated arm's Parquet table of pairs (image_a, image_b)")
@@ -83,14 +92,22 @@ class PipelineConfig(FlowConfig):
     )
 
 
-def arm_pairs(arm: str, pairs_uri: str | None, curated: str | None) -> PairsConfig:
-    """How the pairs enter training in ``arm``."""
+def arm_pairs(
+    arm: str, pairs_uri: str | None, curated: str | None, c: PipelineConfig | None = None
+) -> PairsConfig:
+    """How the pairs enter training in ``arm`` (``c``: the pipeline, for sp-remine's rounds)."""
     mode, ap = ARMS[arm]
     if arm == "curated":
         return PairsConfig(mode=mode, curated=curated)
-    return PairsConfig(
+    pairs = PairsConfig(
         pairs=pairs_uri if arm != "plain" else None, mode=mode, augmentation_pairs=ap
     )
+    if arm != "sp-remine":
+        return pairs
+    if c is None:
+        raise SeppError("the sp-remine arm needs the pipeline's remine_every")
+    every = c.remine_every or max(1, c.pretrain.epochs // 4)
+    return replace(pairs, remine_every=every, remine_encoder=c.remine_encoder)
 
 
 def check_arms(c: PipelineConfig) -> None:
@@ -106,13 +123,15 @@ def check_arms(c: PipelineConfig) -> None:
         raise SeppError("the curated arm needs curated=TABLE (a Parquet table image_a, image_b)")
     if c.seeds < 1:
         raise SeppError(f"seeds must be >= 1, got {c.seeds}")
+    if c.remine_every is not None and "sp-remine" not in c.arms:
+        raise SeppError("remine_every sets the sp-remine arm's rounds: add sp-remine to arms")
     from sepp_ray.methods.base import check_pair_use
 
     for arm in c.arms:  # the method must honour each arm's use of the pairs
         if arm in USES:
             check_pair_use(c.pretrain.method, USES[arm])
         # the arm's pairs as it will train with them: the table the mining stage writes
-        pairs = arm_pairs(arm, "<the pairs this pipeline mines>", c.curated)
+        pairs = arm_pairs(arm, "<the pairs this pipeline mines>", c.curated, c)
         replace(c.pretrain, pairs=pairs).validate_settings()
 
 
@@ -147,7 +166,7 @@ def run_pipeline(c: PipelineConfig) -> dict[str, Any]:
         seed = p.seed + i
         pairs_uri = found[seed].pairs_uri if seed in found else None
         for arm in c.arms:
-            pc = arm_pairs(arm, pairs_uri, c.curated)
+            pc = arm_pairs(arm, pairs_uri, c.curated, c)
             name, cfg = f"{arm}-seed{seed}", replace(p, seed=seed)
             _, run = train_stage(
                 st, name, cfg, data_uri, data_fp, p.epochs, pc, budget(p.epochs), folder=arm
@@ -270,197 +289,11 @@ def _row(run: dict[str, Any], head: dict[str, float]) -> dict[str, Any]:
         "pairs_used": m.get("pairs_used"),
         "same_image_negatives": m.get("same_image_negatives"),
         "data_plane": (m.get("data_plane") or {}).get("mode"),
+        # sp-remine: every round's pairs, count and precision (the others mine once)
+        "rounds": m.get("rounds"),
         "checkpoint": m["final_checkpoint"],
         **{key: head.get(name) for name, key in METRICS},
     }
-
-
-def _spread(xs: list[float]) -> dict[str, Any]:
-    """Mean and sample standard deviation (None with one value) of ``xs``."""
-    return {
-        "n": len(xs),
-        "mean": statistics.fmean(xs) if xs else None,
-        "std": statistics.stdev(xs) if len(xs) > 1 else None,
-    }
-
-
-def summarize(rows: list[dict[str, Any]], arms: list[str]) -> dict[str, dict[str, Any]]:
-    """Per arm and metric: mean and spread over seeds, and the paired difference to plain
-    (arm minus plain at the same seed), which cancels what a seed does to both."""
-    out: dict[str, dict[str, Any]] = {}
-    for arm in arms:
-        out[arm] = {}
-        for _, key in METRICS:
-            mine = {r["seed"]: r[key] for r in rows if r["arm"] == arm and r[key] is not None}
-            base = {r["seed"]: r[key] for r in rows if r["arm"] == "plain" and r[key] is not None}
-            diffs = [mine[s] - base[s] for s in sorted(mine) if s in base]
-            out[arm][key] = {
-                **_spread(list(mine.values())),
-                "diff": _spread(diffs) if arm != "plain" else None,
-            }
-    return out
-
-
-def _pm(s: dict[str, Any] | None, signed: bool = False) -> str:
-    """'mean ± std' in %, '—' when there is no value."""
-    if not s or s["mean"] is None:
-        return "—"
-    mean = f"{100 * s['mean']:+.2f}" if signed else f"{100 * s['mean']:.2f}"
-    return mean + (f" ± {100 * s['std']:.2f}" if s["std"] is not None else "")
-
-
-def _pct(v: float | None) -> str:
-    return "—" if v is None else f"{100 * v:.2f}"
-
-
-def _count(v: int | None) -> str:
-    return "—" if v is None else f"{v:,}"
-
-
-def _items(items: dict[str, int]) -> str:
-    return ", ".join(f"{n} {kind}" for kind, n in items.items() if n) or "none"
-
-
-def write_pipeline_report(
-    c: PipelineConfig,
-    data_uri: str,
-    found: dict[int, Sampler],
-    rows: list[dict[str, Any]],
-    eval_uri: str,
-    st: Stages,
-) -> str:
-    """The pipeline's report (README.md: the setup, each arm against plain, every run and
-    checkpoint, the stages' times, the pairs' pictures) and results.json; returns its URI."""
-    from sepp_ray.mining.pairs_report import write_report
-
-    out = f"{st.work}/report"
-    first = next(iter(found.values()), None)
-    pictures = write_report(first.pairs_uri, out) if first else []
-    table = Location(eval_uri).read_bytes("metrics.md").decode()
-    summary = summarize(rows, c.arms)
-    lines = _report_setup(c, data_uri, rows[0]["budget_steps"]) + sampler_lines(c, found)
-    lines += _arms_table(c, summary) + _runs_table(rows)
-    lines += [
-        "",
-        "## Every checkpoint (the evaluation's own table)",
-        "",
-        table,
-        "",
-        "## Stage wall time (s; 0 = reused)",
-        "",
-        "| stage | seconds |",
-        "|---|---|",
-        *[f"| {k} | {v} |" for k, v in st.timings.items()],
-    ]
-    if pictures:
-        lines += ["", "## Pairs", ""]
-        lines += [f"![]({x.rsplit('/', 1)[1]})" for x in pictures if x.endswith(".png")]
-    fs, path = filesystem(out)
-    fs.makedirs(path, exist_ok=True)
-    with fs.open(f"{path}/README.md", "wb") as f:
-        f.write("\n".join(lines).encode())
-    with fs.open(f"{path}/results.json", "wb") as f:
-        body = {"runs": rows, "summary": summary, "samplers": [x.to_dict() for x in found.values()]}
-        f.write(json.dumps(body, indent=2).encode())
-    return f"{out}/README.md"
-
-
-def _report_setup(c: PipelineConfig, data_uri: str, budget: int | None) -> list[str]:
-    """The report's head: the data, the method and arms, and how compute was made equal."""
-    p = c.pretrain
-    return [
-        "# sepp-ray pipeline report",
-        "",
-        f"- data: `{data_uri}`",
-        f"- method: {p.method}, backbone {p.backbone}, {p.epochs} epochs of the plain run, "
-        f"batch {p.batch_size}; arms {', '.join(c.arms)}; seeds "
-        f"{', '.join(str(p.seed + i) for i in range(c.seeds))}",
-        "- compute: "
-        + (
-            f"equal, {budget} optimizer steps for every run (the plain run's; arms with more "
-            "items run fewer epochs)"
-            if c.equal_compute
-            else "equal epochs (equal_compute=false: arms with more items take more steps)"
-        ),
-    ]
-
-
-def _arms_table(c: PipelineConfig, summary: dict[str, Any]) -> list[str]:
-    """Each arm's test accuracy over the seeds, and its paired difference to plain."""
-    lines = [
-        "",
-        "## Accuracy per arm on the test split (%, mean ± std over seeds)",
-        "",
-        "Paired difference: the arm minus plain at the same seed, mean ± std over seeds.",
-        "",
-        "| arm | seeds | kNN top-1 | vs plain | linear top-1 | vs plain |",
-        "|---|---|---|---|---|---|",
-    ]
-    for arm in c.arms:
-        s = summary[arm]
-        lines.append(
-            f"| {arm} | {s['knn']['n'] or s['linear']['n']} | {_pm(s['knn'])} | "
-            f"{_pm(s['knn']['diff'], True)} | {_pm(s['linear'])} | "
-            f"{_pm(s['linear']['diff'], True)} |"
-        )
-    return lines
-
-
-def _runs_table(rows: list[dict[str, Any]]) -> list[str]:
-    """One line per run: its items, steps, the pairs it used and its accuracies."""
-    return [
-        "",
-        "## Runs",
-        "",
-        "Pair items used: pair items trained on over the run (all ranks); mined pairs in "
-        "the loss: anchor-positive links attracted or cancelled (multi-positive, cancel); "
-        "same-image negatives: views of one image left among each other's negatives (0).",
-        "",
-        "| arm | seed | items | steps/epoch | epochs | optimizer steps | pair items used "
-        "| mined pairs in the loss | same-image negatives | kNN top-1 | linear top-1 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-        *[
-            f"| {r['arm']} | {r['seed']} | {_items(r['items'])} | {r['steps_per_epoch']} | "
-            f"{r['epochs_run']} | {r['total_steps']} | {_count(r['pair_items_used'])} | "
-            f"{_count(r['pairs_used'])} | {_count(r['same_image_negatives'])} | "
-            f"{_pct(r['knn'])} | {_pct(r['linear'])} |"
-            for r in rows
-        ],
-    ]
-
-
-def sampler_lines(c: PipelineConfig, found: dict[int, Sampler]) -> list[str]:
-    """The report's account of the samplers: shared or per seed (what the spread over seeds
-    includes), the bootstrap's optimizer steps (outside the arms' budget) and each mining."""
-    distinct = list({x.pairs_uri: x for x in found.values()}.values())
-    if not distinct:
-        return []
-    if c.sampler_per_seed:
-        made = "given; pairs" if c.sampler_checkpoint else "bootstrapped and pairs"
-        how = f"one per seed ({made} mined again per seed): the spread over seeds includes it"
-    else:
-        how = "one for every seed, mined once: the spread over seeds leaves the sampler's out"
-    steps = [x.bootstrap_steps for x in distinct]
-    lines = [
-        f"- sampler: {how}",
-        f"- bootstrap: {len(steps)} plain run(s) of {steps[0]} optimizer steps, {sum(steps)} in "
-        "all, outside the arms' budget (one as long as a plain arm is that arm's run)"
-        if sum(steps)
-        else "- bootstrap: none (sampler_checkpoint given; its training is not counted here)",
-    ]
-    for x in distinct:
-        m = x.pairs
-        prec = (m.get("precision") or {}).get("overall")
-        per = m.get("positives_per_anchor") or {}
-        seed = f" (seed {x.seed})" if len(distinct) > 1 else ""
-        lines.append(
-            f"- pairs{seed}: {m['num_pairs']} for {m['anchors_with_positive']} of {m['k']} "
-            f"anchors in [{m['lo']}, {m['hi']}], at most {m.get('m') or 'all'} per anchor "
-            f"(mean {per.get('mean')}, max {per.get('max')}); sampler "
-            f"`{m['encoder']['identity']}`"
-            + (f"; pair precision {prec:.3f}" if prec is not None else "")
-        )
-    return lines
 
 
 def run_pipeline_command(c: PipelineConfig) -> int:
