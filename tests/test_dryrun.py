@@ -165,6 +165,29 @@ def test_twice_the_epochs_is_twice_the_training_time() -> None:
     assert b.gpu_hours > a.gpu_hours
 
 
+def test_the_sp_remine_arm_adds_its_rounds_to_the_sp_arm_s_time() -> None:
+    data = ds.KNOWN["stl10"]
+    hw = parse_hardware("h100x8", 8)
+    base = digits_config(
+        split="unlabeled",
+        backbone="resnet50",
+        cifar_stem=False,
+        image_size=96,
+        workers=8,
+        batch_size=1024,
+        epochs=100,
+        knn_monitor=False,
+    )
+    c = replace(base, arms=["plain", "sp", "sp-remine"], remine_every=25)
+    rows = {r.stage: r for r in plan_pipeline(c, data, hw).rows}
+    sp, remine = rows["sp-seed0"], rows["sp-remine-seed0"]
+    assert "3 re-mining rounds" in remine.work and "re-mining" not in sp.work
+    n = data.split("unlabeled")
+    embed = tp.embed_rate("resnet50", False, 96).value * hw.speed * 8
+    search = tp.search_seconds(5_000, n, 2048) / (hw.speed * 8)  # K = 5% of 100,000
+    assert remine.wall_s - sp.wall_s == pytest.approx(3 * (n / embed + search))
+
+
 def test_slower_and_fewer_gpus_take_longer() -> None:
     _, c = parse_config(
         ["pretrain", "s3://b/d", "s3://b/o", "--config", str(JOBS / "pretrain-cifar10.yaml")]

@@ -128,8 +128,34 @@ def _monitor_s(p: PretrainConfig, data: DataSize, side: int, hw: Hardware, epoch
     return math.ceil(epochs / p.knn_every) * images / rate
 
 
-def train_row(name: str, p: PretrainConfig, data: DataSize, hw: Hardware, steps: int) -> Row:
-    """A pretraining run of ``steps`` optimizer steps on ``p.workers`` GPUs."""
+def _rounds_s(
+    p: PretrainConfig, data: DataSize, hw: Hardware, side: int, epochs: int, every: int | None
+) -> tuple[int, float]:
+    """Re-mining rounds of a run (``every`` epochs apart) and their time: the training workers
+    embed the split and search the anchors (the first pairs' K, taken as the pipeline's)."""
+    from sepp_ray.mining.anchors import resolve_k
+    from sepp_ray.mining.mine import MineConfig
+
+    rounds = (epochs - 1) // every if every else 0
+    if not rounds:
+        return 0, 0.0
+    n = data.split(p.split)
+    embed = tp.embed_rate(p.backbone, p.cifar_stem, side).value * hw.speed * p.workers
+    _, dim = tp.forward_flops(p.backbone, p.cifar_stem, side)
+    search = tp.search_seconds(resolve_k(MineConfig().k, n), n, dim) / (hw.speed * p.workers)
+    return rounds, rounds * (n / embed + search)
+
+
+def train_row(
+    name: str,
+    p: PretrainConfig,
+    data: DataSize,
+    hw: Hardware,
+    steps: int,
+    remine_every: int | None = None,
+) -> Row:
+    """A pretraining run of ``steps`` optimizer steps on ``p.workers`` GPUs (and its re-mining
+    rounds every ``remine_every`` epochs)."""
     if p.workers > hw.count:
         raise SeppError(
             f"pretrain.workers={p.workers} needs {p.workers} GPUs and --hardware names "
@@ -143,12 +169,17 @@ def train_row(name: str, p: PretrainConfig, data: DataSize, hw: Hardware, steps:
     epochs = max(1, math.ceil(steps / per_epoch))
     wall = tp.START_UP.value + steps * p.batch_size / pairs_per_s
     wall += _monitor_s(p, data, side, hw, epochs)
+    rounds, rounds_s = _rounds_s(p, data, hw, side, epochs, remine_every)
+    wall += rounds_s
     figures = (rate, cost, hw.gpu.speed, tp.START_UP) + ((tp.DDP_EFFICIENCY,) if eff < 1 else ())
+    if rounds:
+        figures += (tp.embed_rate(p.backbone, p.cifar_stem, side), tp.SEARCH)
     return Row(
         name,
         f"{_n(p.workers, 'GPU worker')} x {_n(p.cpus_per_worker, 'CPU')}",
         f"{steps:,} steps x {p.batch_size:,} ({epochs} epochs of {data.split(p.split):,}; "
-        f"{p.method} {p.backbone} {side} px)",
+        f"{p.method} {p.backbone} {side} px"
+        + (f"; {_n(rounds, 're-mining round')})" if rounds else ")"),
         wall,
         wall * p.workers / 3600,
         figures,
@@ -227,7 +258,9 @@ def _seed_rows(c: PipelineConfig, data: DataSize, hw: Hardware, i: int, mine: bo
     p = c.pretrain
     seed = p.seed + i
     plain = steps_of(data.split(p.split), p.batch_size, p.epochs)
-    arms = [train_row(f"{arm}-seed{seed}", p, data, hw, plain) for arm in c.arms]
+    arms = [
+        train_row(f"{arm}-seed{seed}", p, data, hw, plain, _remine_every(c, arm)) for arm in c.arms
+    ]
     if not mine:
         return arms
     rows: list[Row] = []
@@ -238,6 +271,12 @@ def _seed_rows(c: PipelineConfig, data: DataSize, hw: Hardware, i: int, mine: bo
         boot = steps_of(data.split(p.split), p.batch_size, c.bootstrap_epochs)
         rows.append(train_row(f"bootstrap-seed{seed}", p, data, hw, boot))
     return [*rows, mine_row(p, c.mining, data, hw, f"pairs-seed{seed}"), *arms]
+
+
+def _remine_every(c: PipelineConfig, arm: str) -> int | None:
+    from sepp_ray.flow.pipeline import arm_pairs
+
+    return arm_pairs(arm, "pairs", c.curated, c).remine_every if arm == "sp-remine" else None
 
 
 def plan_pipeline(c: PipelineConfig, data: DataSize, hw: Hardware) -> Plan:
@@ -300,7 +339,7 @@ def plan_pretrain(p: PretrainConfig, data: DataSize, hw: Hardware, pairs: int | 
             plan.notes.append("pair items not counted: the pairs' manifest is not local")
         items += pairs or 0
     steps = p.budget_steps or steps_of(items, p.batch_size, p.epochs)
-    plan.rows.append(train_row("pretrain", p, data, hw, steps))
+    plan.rows.append(train_row("pretrain", p, data, hw, steps, p.pairs.remine_every))
     plan.notes += batch_note(p)
     return plan
 
