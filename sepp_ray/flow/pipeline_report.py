@@ -8,13 +8,41 @@ from __future__ import annotations
 
 import json
 import statistics
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sepp_ray.storage import Location, filesystem
 
 if TYPE_CHECKING:
-    from sepp_ray.flow.pipeline import PipelineConfig, Sampler
     from sepp_ray.flow.stages import Stages
+    from sepp_ray.train.config import PretrainConfig
+
+
+class Setup(Protocol):
+    """What the report reads of the pipeline's config (`PipelineConfig`)."""
+
+    arms: list[str]
+    seeds: int
+    equal_compute: bool
+    sampler_per_seed: bool
+    sampler_checkpoint: str | None
+    pretrain: PretrainConfig
+
+
+class Mining(Protocol):
+    """What the report reads of a sampler and its pairs (`sepp_ray.flow.pipeline.Sampler`)."""
+
+    @property
+    def seed(self) -> int: ...
+    @property
+    def bootstrap_steps(self) -> int: ...
+    @property
+    def pairs_uri(self) -> str: ...
+    @property
+    def pairs(self) -> dict[str, Any]: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
+
 
 METRICS = (("kNN top-1", "knn"), ("linear top-1", "linear"))
 
@@ -66,9 +94,9 @@ def _items(items: dict[str, int]) -> str:
 
 
 def write_pipeline_report(
-    c: PipelineConfig,
+    c: Setup,
     data_uri: str,
-    found: dict[int, Sampler],
+    found: Mapping[int, Mining],
     rows: list[dict[str, Any]],
     eval_uri: str,
     st: Stages,
@@ -109,7 +137,7 @@ def write_pipeline_report(
     return f"{out}/README.md"
 
 
-def _report_setup(c: PipelineConfig, data_uri: str, budget: int | None) -> list[str]:
+def _report_setup(c: Setup, data_uri: str, budget: int | None) -> list[str]:
     """The report's head: the data, the method and arms, and how compute was made equal."""
     p = c.pretrain
     return [
@@ -129,7 +157,7 @@ def _report_setup(c: PipelineConfig, data_uri: str, budget: int | None) -> list[
     ]
 
 
-def _arms_table(c: PipelineConfig, summary: dict[str, Any]) -> list[str]:
+def _arms_table(c: Setup, summary: dict[str, Any]) -> list[str]:
     """Each arm's test accuracy over the seeds, and its paired difference to plain."""
     lines = [
         "",
@@ -200,7 +228,7 @@ def rounds_table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def sampler_lines(c: PipelineConfig, found: dict[int, Sampler]) -> list[str]:
+def sampler_lines(c: Setup, found: Mapping[int, Mining]) -> list[str]:
     """The report's account of the samplers: shared or per seed (what the spread over seeds
     includes), the bootstrap's optimizer steps (outside the arms' budget) and each mining."""
     distinct = list({x.pairs_uri: x for x in found.values()}.values())

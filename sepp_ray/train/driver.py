@@ -264,7 +264,10 @@ def _resolve(
     crowded = pair_share_warning(counts)
     if crowded:
         log.warning(crowded)
-    remine = plan_remining(cfg, ds.classes, choice.mode, data.epochs)
+    where = (cfg.dataset, cfg.split)
+    remine = plan_remining(
+        cfg.pairs, cfg.method, where, ds.classes, choice.mode, data.epochs, cfg.seed
+    )
     worker = replace(_worker_config(cfg, ds, data, recipe, size, pair_use, schedule), remine=remine)
     return _Run(worker, spec, counts, schedule, crowded, use_gpu)
 

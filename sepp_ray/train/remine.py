@@ -41,7 +41,6 @@ if TYPE_CHECKING:
 
     from sepp_ray.methods.base import Method
     from sepp_ray.mining.mine import MineConfig, Mined
-    from sepp_ray.train.config import PretrainConfig
     from sepp_ray.train.items import PairsConfig
     from sepp_ray.train.resident import ResidentFeed
 
@@ -391,13 +390,19 @@ def _error_json(r: int, error: str) -> bytes:
 
 
 def plan_remining(
-    cfg: PretrainConfig, classes: list[str], plane: str, epochs: int
+    p: PairsConfig,
+    method: str,
+    where: tuple[str, str],
+    classes: list[str],
+    plane: str,
+    epochs: int,
+    seed: int,
 ) -> RemineSpec | None:
-    """The driver's side: the run's re-mining resolved and checked against its plan (None
-    when it mines once). ``plane``: the data plane chosen; ``epochs``: the plan's."""
+    """The driver's side: the run's re-mining (``p``: its pairs config) resolved and checked
+    against its plan (None when it mines once). ``where``: (dataset URI, split); ``plane``: the
+    data plane chosen; ``epochs``: the plan's; ``seed``: the run's."""
     from sepp_ray.methods import method_class
 
-    p = cfg.pairs
     if p.remine_every is None:
         return None
     if plane != "resident":
@@ -415,14 +420,14 @@ def plan_remining(
     assert p.pairs is not None  # PairsConfig.validate made sure
     return RemineSpec(
         every=p.remine_every,
-        encoder=resolve_encoder(p.remine_encoder, method_class(cfg.method).momentum_attr),
+        encoder=resolve_encoder(p.remine_encoder, method_class(method).momentum_attr),
         mining=mining_config_of(p.pairs),
         pairs=p,
         first_pairs=p.pairs,
-        dataset=cfg.dataset,
-        split=cfg.split,
+        dataset=where[0],
+        split=where[1],
         classes=list(classes),
-        seed=cfg.seed,
+        seed=seed,
     )
 
 
