@@ -164,3 +164,14 @@ def barrier() -> None:
     """Wait for every rank (nothing without a process group)."""
     if is_dist():
         torch_dist.barrier()
+
+
+@torch.no_grad()
+def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
+    """Make ``module``'s parameters and buffers on every rank those of rank ``src`` (in place;
+    nothing without a process group). DDP keeps parameters equal, not buffers: with
+    ``broadcast_buffers=False`` each rank's BatchNorm running statistics are its own."""
+    if not is_dist():
+        return
+    for t in module.state_dict(keep_vars=False).values():
+        torch_dist.broadcast(t, src)

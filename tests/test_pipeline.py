@@ -90,7 +90,7 @@ def test_every_arm_takes_the_plain_runs_steps_and_a_rerun_reuses_every_stage(
         (["arms=[plain,curated]"], "curated=TABLE"),
         (["seeds=0"], "seeds"),
         (["remine_every=2"], "add sp-remine to arms"),
-        (["arms=[plain,sp-remine]", "pretrain.data_plane=stream"], "data_plane=stream"),
+        (["arms=[plain,sp-remine]", "pretrain.epochs=1"], "no round would re-mine"),
         (["pretrain.method=byol", "arms=[plain,cancel]"], "byol"),
         (["pretrain.method=simclr2"], "simclr2"),
         (["mining.lo=1.5"], "lo"),

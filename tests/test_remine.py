@@ -23,14 +23,13 @@ from sepp_ray.train.items import PairsConfig, plan_items
 from sepp_ray.train.remine import (
     ROUND_FAILED,
     RemineSpec,
-    Rounds,
     check_round_failed,
-    encoder_of,
     mining_config_of,
     resolve_encoder,
     round_uri,
-    square_uint8,
 )
+from sepp_ray.train.remine_round import Rounds, encoder_of
+from sepp_ray.train.remine_targets import ResidentTarget, square_uint8
 from sepp_ray.train.resident import PlaneChoice, ResidentFeed, ResidentItems, ResidentPlan
 
 N, SIZE = 60, 16
@@ -106,7 +105,8 @@ NORM = (torch.full((1, 3, 1, 1), 0.5), torch.full((1, 3, 1, 1), 0.25))
 
 
 def _rounds(spec: RemineSpec, out: Path, method: torch.nn.Module, feed: ResidentFeed) -> Rounds:
-    return Rounds(spec, str(out), feed, method, NORM, SIZE)  # type: ignore[arg-type]
+    target = ResidentTarget(feed, spec)
+    return Rounds(spec, str(out), target, method, NORM, SIZE)  # type: ignore[arg-type]
 
 
 def _pairs_of(uri: str) -> list[tuple[int, int]]:
@@ -171,7 +171,7 @@ def test_a_complete_round_is_reused_and_a_half_written_one_mined_again(
     assert _rounds(spec, tmp_path / "crashed", _method(), _feed()).before_epoch(2)
     assert _pairs_of(half.uri) == expected
     # complete: read back, never mined again (whatever the weights now are)
-    import sepp_ray.train.remine as remine
+    import sepp_ray.train.remine_round as remine
 
     def no_mining(*a: object, **k: object) -> None:
         raise AssertionError("a complete round was mined again")
@@ -247,8 +247,6 @@ def test_re_mining_that_cannot_apply_is_refused(pairs: PairsConfig, match: str) 
 @pytest.mark.parametrize(
     ("kw", "match"),
     [
-        ({"data_plane": "stream"}, "data_plane=stream"),
-        ({"decode_on": "gpu"}, "decode_on=gpu"),
         ({"epochs": 2}, "no round would re-mine"),
         ({"pairs": {"remine_encoder": "momentum"}}, "simclr has no momentum encoder"),
     ],

@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -31,7 +32,9 @@ from sepp_ray.train.census import census
 from sepp_ray.train.dataplane import image_files
 from sepp_ray.train.driver import PretrainConfig, pretrain
 from sepp_ray.train.items import PairsConfig, plan_items
-from sepp_ray.train.remine import RemineSpec, Rounds, mining_config_of, round_uri
+from sepp_ray.train.remine import RemineSpec, mining_config_of, round_uri
+from sepp_ray.train.remine_round import Rounds
+from sepp_ray.train.remine_targets import ResidentTarget
 from sepp_ray.train.resident import (
     PlaneChoice,
     ResidentFeed,
@@ -124,7 +127,7 @@ def _remine_from_checkpoint(images: str, pairs: str, ckpt: str, out: Path) -> st
         classes=ds.classes,
         seed=0,
     )
-    assert Rounds(spec, str(out), feed, method, norm, 16).before_epoch(1)
+    assert Rounds(spec, str(out), ResidentTarget(feed, spec), method, norm, 16).before_epoch(1)
     return round_uri(str(out), 2)
 
 
@@ -187,6 +190,48 @@ def test_the_sp_remine_arm_mines_round_2_from_round_1_s_checkpoint_at_sp_s_steps
     for r in rounds:
         line = f"| sp-remine | 0 | {r['round']} | {r['start_epoch'] + 1} | {r['encoder']} | 20 |"
         assert f"{line} {r['precision']:.3f} |" in report
+
+
+def test_a_streamed_run_re_mines_reading_its_split_in_tasks(
+    data: tuple[str, str], tmp_path: Path
+) -> None:
+    """The streaming plane: the ranks read the split to embed it, rank 0 writes the round's
+    item table, both ranks stream from it; the pairs equal those mined from the same weights
+    on the resident plane."""
+    images, pairs = data
+    run = tmp_path / "run"
+    m = pretrain(_cfg(images, pairs, run, 1, epochs=2, workers=2, data_plane="stream"))
+    assert m["data_plane"]["mode"] == "stream"
+    assert [(r["round"], r["num_pairs"]) for r in m["rounds"]] == [(1, 20), (2, 20)]
+    assert [h["round"] for h in m["history"]] == [1, 2]
+    assert (run / "rounds" / "items-002" / "items").is_dir()  # the round's own item table
+    assert m["same_image_negatives"] == 0 and m["pair_items"] > 0
+    # each anchor's positive is its nearest image under the checkpoint's weights (the batches
+    # embedded differ from one process' in size, so near-ties may break the other way)
+    sims = _similarities(images, checkpoint_uri(str(run), 1))
+    m2 = read_manifest(round_uri(str(run), 2))
+    t = pq.read_table(str(run / "rounds" / "round-002" / m2["files"]["pairs"]))
+    for a, p, sim in zip(*(t[c].to_pylist() for c in ("anchor_id", "positive_id", "similarity"))):
+        assert abs(sims[a][p] - sim) < 1e-4
+        best = max(v for k, v in sims[a].items() if k != a and v <= m2["hi"])
+        assert sims[a][p] >= best - 1e-4
+
+
+def _similarities(images: str, ckpt: str) -> dict[int, dict[int, float]]:
+    """Cosine similarities between every two training images under ``ckpt``'s backbone."""
+    from sepp_ray.models.encode import encode
+
+    ds = ImageDataset.open(images)
+    parts = [
+        decode_chunk(c, "train", (16, 16)) for c in census(image_files(ds), "images", "train", None)
+    ]
+    ids = np.concatenate([p["id"] for p in parts]).tolist()
+    pixels = torch.from_numpy(np.concatenate([p["image"] for p in parts])).permute(0, 3, 1, 2)
+    model, meta, _ = load_backbone(ckpt)
+    norm = (torch.tensor(meta.mean).view(1, 3, 1, 1), torch.tensor(meta.std).view(1, 3, 1, 1))
+    f = torch.nn.functional.normalize(encode(model, pixels, *norm, torch.device("cpu")), dim=1)
+    s = (f @ f.T).tolist()
+    return {a: dict(zip(ids, row, strict=True)) for a, row in zip(ids, s, strict=True)}
 
 
 def _run_manifest(checkpoint: str) -> dict:

@@ -191,8 +191,8 @@ class PretrainConfig:
             self._validate_remining()
 
     def _validate_remining(self) -> None:
-        """Re-mining rounds need the resident plane (the training workers embed the split they
-        hold) and, for ``remine_encoder=momentum``, a method with a momentum encoder."""
+        """Re-mining needs a round to happen and, for ``remine_encoder=momentum``, a method
+        with a momentum encoder."""
         from sepp_ray.methods import method_class
 
         every = self.pairs.remine_every
@@ -206,14 +206,6 @@ class PretrainConfig:
             raise SeppError(
                 f"pairs.remine_encoder=momentum: method {self.method} has no momentum encoder "
                 "(moco, byol and dino do); use auto or online"
-            )
-        streamed = "data_plane=stream" if self.data_plane == "stream" else None
-        streamed = streamed or ("decode_on=gpu" if self.decode_on == "gpu" else None)
-        if streamed:
-            raise SeppError(
-                f"pairs.remine_every cannot apply with {streamed}: re-mining rounds embed the "
-                "split the training workers hold decoded (the resident data plane); use "
-                "data_plane=auto or resident"
             )
 
 

@@ -57,6 +57,8 @@ class DataPlan:
     total_steps: int
     seed: int
     choice: PlaneChoice = field(default_factory=lambda: PlaneChoice("stream", "", 0))
+    # a re-mining round's items: an epoch keeps the plan's steps, cycling fewer items
+    cycle: bool = False
 
     @property
     def epochs(self) -> int:
@@ -76,7 +78,8 @@ class DataPlan:
 
     def slices(self, epoch: int, world: int, rank: int) -> list[Slice]:
         local = self.global_batch // world
-        return rank_slices(self.chunks, self.seed, epoch, world, rank, self.steps_in(epoch) * local)
+        rows = self.steps_in(epoch) * local
+        return rank_slices(self.chunks, self.seed, epoch, world, rank, rows, self.cycle)
 
     def batches(self, epoch: int, world: int, rank: int, use_ray: bool = True) -> Iterator[Batch]:
         """This rank's batches of ``epoch``, read ahead in Ray tasks and a prefetch thread."""
@@ -85,12 +88,21 @@ class DataPlan:
         it = rank_batches(parts, self.spec, self.feed, self.seed, epoch, rank, steps, use_ray)
         return prefetched(it, self.feed.prefetch_batches)
 
-    def stream(self, world: int, rank: int, first_epoch: int = 0, use_ray: bool = True) -> RankFeed:
-        """This rank's batches of every epoch from ``first_epoch`` on (``.epoch(e)``, in turn):
-        one pipeline of reads, the next epoch's already in flight at an epoch's end."""
+    def stream(
+        self,
+        world: int,
+        rank: int,
+        first_epoch: int = 0,
+        use_ray: bool = True,
+        stop_epoch: int | None = None,
+    ) -> RankFeed:
+        """This rank's batches of every epoch from ``first_epoch`` on, up to ``stop_epoch``
+        (default: the last; ``.epoch(e)``, in turn): one pipeline of reads, the next epoch's
+        already in flight at an epoch's end."""
+        stop = self.epochs if stop_epoch is None else min(stop_epoch, self.epochs)
         parts = (
             EpochPart(e, self.slices(e, world, rank), self.steps_in(e))
-            for e in range(first_epoch, self.epochs)
+            for e in range(first_epoch, stop)
         )
         return RankFeed(parts, self.spec, self.feed, self.seed, rank, use_ray)
 

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from sepp_ray.data.recipes import TwoViewRecipe
     from sepp_ray.train.dataplane import DataPlan
     from sepp_ray.train.feed import DecodeSpec
+    from sepp_ray.train.remine import RemineSpec
     from sepp_ray.train.resident import PlaneChoice, ResidentPlan
     from sepp_ray.train.schedule import Schedule
 
@@ -241,7 +242,6 @@ def _resolve(
     """Plan the data (resident or streamed), the schedule that follows the plain run, and the
     kNN monitor; resolve it all into the one `WorkerConfig` every rank reads."""
     from sepp_ray.train.budget import pair_share_warning, split_size
-    from sepp_ray.train.remine import plan_remining
     from sepp_ray.train.schedule import plan_schedule
 
     recipe, spec = augment
@@ -264,12 +264,26 @@ def _resolve(
     crowded = pair_share_warning(counts)
     if crowded:
         log.warning(crowded)
-    where = (cfg.dataset, cfg.split)
-    remine = plan_remining(
-        cfg.pairs, cfg.method, where, ds.classes, choice.mode, data.epochs, cfg.seed
-    )
+    remine = _remining(cfg, ds, choice, data.epochs)
     worker = replace(_worker_config(cfg, ds, data, recipe, size, pair_use, schedule), remine=remine)
     return _Run(worker, spec, counts, schedule, crowded, use_gpu)
+
+
+def _remining(
+    cfg: PretrainConfig, ds: ImageDataset, choice: PlaneChoice, epochs: int
+) -> RemineSpec | None:
+    """The run's re-mining rounds (None: mined once); on the streaming plane with the split's
+    row groups, which the ranks read to embed it."""
+    from sepp_ray.train.census import census
+    from sepp_ray.train.dataplane import image_files
+    from sepp_ray.train.remine import plan_remining
+
+    where = (cfg.dataset, cfg.split)
+    spec = plan_remining(cfg.pairs, cfg.method, where, ds.classes, epochs, cfg.seed)
+    if spec is None or choice.mode == "resident":
+        return spec
+    chunks = census(image_files(ds), "images", cfg.split, None)
+    return replace(spec, image_chunks=chunks, max_item_table_gb=cfg.max_item_table_gb)
 
 
 def _worker_config(

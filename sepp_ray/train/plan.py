@@ -48,7 +48,7 @@ def total_rows(chunks: list[Chunk]) -> int:
     return int(sum(c.rows for c in chunks))
 
 
-def epoch_order(chunks: list[Chunk], seed: int, epoch: int) -> np.ndarray:
+def epoch_order(chunks: list[Chunk], seed: int, epoch: int, pass_: int = 0) -> np.ndarray:
     """The seeded chunk order of one epoch (independent of the number of ranks).
 
     A stratified shuffle: each table's chunks (image shards, pair items) are permuted and then
@@ -56,7 +56,7 @@ def epoch_order(chunks: list[Chunk], seed: int, epoch: int) -> np.ndarray:
     stretch of the epoch, and so every rank's run of rows, holds its share of pair items even
     when they fill only a few row groups.
     """
-    rng = np.random.default_rng([seed, epoch, 0x5E99])
+    rng = np.random.default_rng([seed, epoch, 0x5E99] + ([pass_] if pass_ else []))
     keys = np.empty(len(chunks))
     tables = np.array([c.table for c in chunks])
     for name in sorted(set(tables.tolist())):
@@ -67,18 +67,28 @@ def epoch_order(chunks: list[Chunk], seed: int, epoch: int) -> np.ndarray:
 
 
 def rank_slices(
-    chunks: list[Chunk], seed: int, epoch: int, world: int, rank: int, rows_per_rank: int
+    chunks: list[Chunk],
+    seed: int,
+    epoch: int,
+    world: int,
+    rank: int,
+    rows_per_rank: int,
+    cycle: bool = False,
 ) -> list[Slice]:
     """Rank ``rank``'s rows of epoch ``epoch``: rows [rank x R, (rank + 1) x R) of the epoch's
     permuted chunk sequence, R = ``rows_per_rank``. Rows past world x R are this epoch's
-    leftovers (fewer than one global batch): a different set each epoch."""
+    leftovers (fewer than one global batch): a different set each epoch. ``cycle``: an epoch
+    longer than the chunks (a re-mining round with fewer items than the plan's epoch) goes on
+    through further seeded orders of them."""
     if not 0 <= rank < world:
         raise SeppError(f"rank {rank} outside a world of {world}")
-    if rows_per_rank * world > total_rows(chunks):
-        raise SeppError(
-            f"{world} ranks x {rows_per_rank} rows exceed the {total_rows(chunks)} training rows"
-        )
-    order = epoch_order(chunks, seed, epoch)
+    total = total_rows(chunks)
+    if rows_per_rank * world > total and not cycle:
+        raise SeppError(f"{world} ranks x {rows_per_rank} rows exceed the {total} training rows")
+    passes = -(-rows_per_rank * world // max(1, total)) if cycle else 1
+    order = np.concatenate(
+        [epoch_order(chunks, seed, epoch, p) for p in range(max(1, passes))]
+    ).astype(np.int64)
     lo, hi = rank * rows_per_rank, (rank + 1) * rows_per_rank
     out: list[Slice] = []
     pos = 0

@@ -355,15 +355,6 @@ class ResidentFeed:
         self._hold(index_items(items, self.host_ids))
         self.cycle = True
 
-    def labels_by_id(self) -> dict[int, int] | None:
-        """The split's known labels by image id (None when it has none): pair precision."""
-        known = self.host_labels >= 0
-        if not known.any():
-            return None
-        return dict(
-            zip(self.host_ids[known].tolist(), self.host_labels[known].tolist(), strict=True)
-        )
-
     def batches(self, epoch: int, world: int, rank: int) -> Iterator[dict[str, Any]]:
         """This rank's batches of ``epoch``: dicts of tensors on the training device, in the
         layout the streaming plane yields (images B x H x W x 3 uint8)."""

@@ -36,7 +36,8 @@ if TYPE_CHECKING:
     from sepp_ray.train.config import WorkerConfig
     from sepp_ray.train.dataplane import DataPlan
     from sepp_ray.train.feed import RankFeed
-    from sepp_ray.train.remine import Rounds
+    from sepp_ray.train.remine_round import Rounds
+    from sepp_ray.train.remine_targets import StreamTarget
     from sepp_ray.train.resident import ResidentFeed, ResidentPlan
     from sepp_ray.train.step import Trainer
 
@@ -332,23 +333,25 @@ def _train_epochs(
     cfg: WorkerConfig, where: _Rank, model: _Model, progress: _Progress, reports: Reports
 ) -> None:
     """The epochs from the resume point: train one, save its checkpoint when due, report."""
+    from sepp_ray.train.dataplane import DataPlan
     from sepp_ray.train.progress import write_progress
     from sepp_ray.train.resident import ResidentFeed, ResidentPlan
 
     data = cfg.data
     resident = ResidentFeed(data, where.device) if isinstance(data, ResidentPlan) else None
-    stream = (
-        None
-        if isinstance(data, ResidentPlan)
-        else data.stream(where.world, where.rank, progress.start)
-    )
-    rounds = _rounds(cfg, where, model, resident)
+    rounds, streamed = _rounds(cfg, where, model, resident)
+    stream = None
+    if resident is None and streamed is None:
+        assert isinstance(data, DataPlan)
+        stream = data.stream(where.world, where.rank, progress.start)
     model.method.train()
     epochs = data.epochs  # the plan's: a step budget may stop the last one part way
     for epoch in range(progress.start, epochs):
         if rounds is not None and not rounds.before_epoch(epoch):
             return  # the round could not be mined: rank 0 left the reason for the driver
         reports.round = rounds.current if rounds is not None else None
+        if streamed is not None and rounds is not None:
+            data, stream = _round_stream(streamed, rounds, epoch, where)
         t0 = time.perf_counter()
         batches = _epoch_batches(
             data, resident, epoch, where.world, where.rank, where.device, stream
@@ -364,17 +367,38 @@ def _train_epochs(
 
 def _rounds(
     cfg: WorkerConfig, where: _Rank, model: _Model, resident: ResidentFeed | None
-) -> Rounds | None:
-    """This rank's re-mining rounds (None when the run mines once)."""
-    from sepp_ray.train.remine import Rounds
+) -> tuple[Rounds | None, StreamTarget | None]:
+    """This rank's re-mining rounds (None when the run mines once), and on the streaming plane
+    the plan and read pipeline each round replaces."""
+    from sepp_ray.train.dataplane import DataPlan
+    from sepp_ray.train.remine_round import Rounds
+    from sepp_ray.train.remine_targets import ResidentTarget, StreamTarget
 
     if cfg.remine is None:
-        return None
-    assert resident is not None  # the driver refuses re-mining on the streaming plane
+        return None, None
     meta = model.meta
     mean = torch.tensor(meta.mean, device=where.device).view(1, 3, 1, 1)
     std = torch.tensor(meta.std, device=where.device).view(1, 3, 1, 1)
-    return Rounds(cfg.remine, cfg.out, resident, model.method, (mean, std), cfg.image_size)
+    streamed = None
+    if resident is not None:
+        target: ResidentTarget | StreamTarget = ResidentTarget(resident, cfg.remine)
+    else:
+        assert isinstance(cfg.data, DataPlan)
+        target = streamed = StreamTarget(cfg.data, cfg.remine, cfg.out, where.device)
+    rounds = Rounds(cfg.remine, cfg.out, target, model.method, (mean, std), cfg.image_size)
+    return rounds, streamed
+
+
+def _round_stream(
+    streamed: StreamTarget, rounds: Rounds, epoch: int, where: _Rank
+) -> tuple[DataPlan, RankFeed]:
+    """The streaming plan of ``epoch``'s round and its read pipeline: one per round, reading
+    ahead up to the round's last epoch (the next round's items are not known yet)."""
+    if streamed.stream is None:
+        stop = rounds.spec.start_of(rounds.current + 1)
+        data = streamed.data
+        streamed.stream = data.stream(where.world, where.rank, epoch, stop_epoch=stop)
+    return streamed.data, streamed.stream
 
 
 def _train_epoch(
