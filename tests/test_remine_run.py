@@ -211,7 +211,8 @@ def test_a_streamed_run_re_mines_reading_its_split_in_tasks(
     sims = _similarities(images, checkpoint_uri(str(run), 1))
     m2 = read_manifest(round_uri(str(run), 2))
     t = pq.read_table(str(run / "rounds" / "round-002" / m2["files"]["pairs"]))
-    for a, p, sim in zip(*(t[c].to_pylist() for c in ("anchor_id", "positive_id", "similarity"))):
+    cols = (t[c].to_pylist() for c in ("anchor_id", "positive_id", "similarity"))
+    for a, p, sim in zip(*cols, strict=True):
         assert abs(sims[a][p] - sim) < 1e-4
         best = max(v for k, v in sims[a].items() if k != a and v <= m2["hi"])
         assert sims[a][p] >= best - 1e-4
