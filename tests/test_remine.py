@@ -287,3 +287,23 @@ def test_the_first_pairs_must_carry_their_mining_config(tmp_path: Path) -> None:
     with pytest.raises(SeppError, match="not a pairs result"):
         mining_config_of(loc.uri)
     assert replace(mining_config_of(_first_pairs(tmp_path)), seed=3).k == 12
+
+
+def test_a_round_mined_with_other_settings_is_refused_on_resume(tmp_path: Path) -> None:
+    first = _first_pairs(tmp_path)
+    out = tmp_path / "run"
+    assert _rounds(_spec(first), out, _method(), _feed()).before_epoch(2)
+    with pytest.raises(SeppError, match="round 2's pairs .* other settings .*epoch 2.*epoch 3"):
+        _rounds(_spec(first, every=3), out, _method(), _feed()).before_epoch(3)
+
+
+def test_a_streamed_epoch_cycles_its_chunks_only_when_asked() -> None:
+    from sepp_ray.train.plan import Chunk, rank_slices
+
+    chunks = [Chunk("a", g, 10, "images") for g in range(3)] + [Chunk("i", 0, 4, "items")]
+    with pytest.raises(SeppError, match="exceed the 34 training rows"):
+        rank_slices(chunks, 0, 0, 2, 0, 20)
+    got = [rank_slices(chunks, 0, 0, 2, r, 20, cycle=True) for r in (0, 1)]
+    assert [sum(s.stop - s.start for s in g) for g in got] == [20, 20]  # 40 rows from 34
+    # where the chunks fill the epoch, cycling changes nothing
+    assert rank_slices(chunks, 0, 1, 2, 1, 15) == rank_slices(chunks, 0, 1, 2, 1, 15, cycle=True)

@@ -225,9 +225,26 @@ class Rounds:
                 if dist.rank() == 0:
                     Location(self.out).write_bytes(ROUND_FAILED, _error_json(r, str(e)))
                 return False
+        self._check_round(uri, r)
         self.target.set_items(read_round(uri), r)
         self.current = r
         return True
+
+    def _check_round(self, uri: str, r: int) -> None:
+        """A complete round must be this run's: mined at its epochs with its mining config (a
+        run resumed with other settings would otherwise train on another run's pairs)."""
+        from dataclasses import asdict
+
+        m = read_manifest(uri)
+        now = {"start_epoch": self.spec.start_of(r), "config": asdict(self.spec.mining)}
+        was = {k: m.get(k) for k in now}
+        if was != now:
+            raise SeppError(
+                f"round {r}'s pairs at {uri} were mined with other settings (epoch "
+                f"{was['start_epoch']}, mining {was['config']}) than this run's (epoch "
+                f"{now['start_epoch']}, mining {now['config']}): keep the settings to resume, "
+                "or pass overwrite=true"
+            )
 
     def _mine(self, r: int, epoch: int) -> None:
         """Mine round ``r`` from the weights of the checkpoint saved at ``epoch``."""
