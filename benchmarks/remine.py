@@ -60,6 +60,7 @@ def _train(images: str, out: str, args: argparse.Namespace, epochs: int, **kw: A
             cifar_stem=False,  # the ImageNet stem: 16x cheaper at 32 px on a CPU
             epochs=epochs,
             batch_size=args.batch,
+            warmup_epochs=1,  # the recipe's 10 would outlast these short runs
             checkpoint_every=1,
             keep_checkpoints=0,
             knn_every=1,
@@ -108,6 +109,9 @@ def main() -> None:
     ap.add_argument("--backbone", default="resnet18")
     ap.add_argument("--k", type=float, default=0.2, help="anchor fraction")
     ap.add_argument("--m", type=int, default=4, help="positives per anchor (the bootstrap cap)")
+    ap.add_argument("--lo", type=float, default=0.96, help="lower threshold (the papers')")
+    ap.add_argument("--hi", type=float, default=0.99, help="upper threshold (the papers')")
+    ap.add_argument("--test-per-class", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     work = Path(args.workdir)
@@ -119,14 +123,16 @@ def main() -> None:
         read_manifest(images)
     except Exception:  # noqa: BLE001 - not ingested yet
         root = unpack(Path(args.data), work / "raw")
-        sub = class_subset(root, {"train": args.per_class, "test": 200}, work / "subset")
+        sub = class_subset(
+            root, {"train": args.per_class, "test": args.test_per_class}, work / "subset"
+        )
         t0 = time.perf_counter()
         ingest(open_source(str(sub)), images, ImageOptions(val_fraction=0.1), overwrite=True)
         t["ingest_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     boot = _train(images, str(work / "bootstrap"), args, args.bootstrap_epochs, overwrite=True)
     t["bootstrap_s"] = time.perf_counter() - t0
-    mining = MineConfig(lo=0.96, hi=0.99, k=args.k, m=args.m, seed=args.seed)
+    mining = MineConfig(lo=args.lo, hi=args.hi, k=args.k, m=args.m, seed=args.seed)
     t0 = time.perf_counter()
     first = str(work / "pairs-round1")
     mine_command(

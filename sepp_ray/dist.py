@@ -175,3 +175,18 @@ def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
         return
     for t in module.state_dict(keep_vars=False).values():
         torch_dist.broadcast(t, src)
+
+
+@torch.no_grad()
+def all_gather_rows(t: Tensor) -> Tensor:
+    """Every rank's rows of ``t`` (``N_r x ...``, ``N_r`` may differ between ranks) concatenated
+    in rank order, on ``t``'s device (``t`` itself without a process group): one tensor
+    collective, no pickling (a re-mining round's embeddings, up to gigabytes)."""
+    if not is_dist():
+        return t
+    counts = [int(n) for n in all_gather_objects(int(t.shape[0]))]
+    padded = t.new_zeros((max(counts), *t.shape[1:]))
+    padded[: t.shape[0]] = t
+    out = [torch.empty_like(padded) for _ in counts]
+    torch_dist.all_gather(out, padded)
+    return torch.cat([o[:n] for o, n in zip(out, counts, strict=True)])

@@ -104,6 +104,18 @@ def test_sampler_precision_benchmark(tiny: Path, ray_cluster: str) -> None:
     assert "| lower threshold | pairs |" in out and "N=" in out, out
 
 
+def test_remine_benchmark(tmp_path: Path, ray_cluster: str) -> None:
+    out = _run(
+        ["benchmarks.remine", "--data", str(CIFAR), "--workdir", str(tmp_path)]
+        + ["--per-class", "12", "--test-per-class", "4", "--epochs", "2", "--batch", "32"]
+        + ["--backbone", "test_resnet", "--lo", "-1", "--hi", "0.9999", "--m", "1"],
+        ray_cluster,
+    )
+    assert "| round | encoder (epochs trained) | pairs |" in out and "| 2 | online (1) |" in out, (
+        out
+    )
+
+
 def test_resident_benchmark() -> None:
     out = _run(
         ["benchmarks.resident", "--data", str(CIFAR), "--images", "1024", "--rounds", "1"]

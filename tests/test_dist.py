@@ -114,6 +114,14 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dino = DINOLoss(DINO_DIM, center_momentum=0.5)
         loss = dino(list(data["student"][:, rows]), list(data["teacher"][:, rows]), 0)
         res["dino"] = (dist.all_reduce_mean(loss), dino.center.clone())
+        # a re-mining round's helpers: rows of unequal counts, objects, a module from rank 0
+        res["rows"] = dist.all_gather_rows(torch.full((rank + 1, 2), float(rank)))
+        res["objects"] = dist.all_gather_objects({"rank": rank})
+        module = torch.nn.BatchNorm1d(2)
+        module.running_mean.fill_(rank + 5.0)
+        module.weight.data.fill_(rank + 1.0)
+        dist.broadcast_module(module)
+        res["module"] = (module.running_mean.clone(), module.weight.detach().clone())
         try:  # unequal sizes must fail on every rank, not hang
             dist.gather(torch.zeros(N_LOCAL + rank, 2))
             res["unequal"] = "no error"
@@ -199,6 +207,16 @@ def test_gather_refuses_unequal_sizes(ranks: list[dict[str, Any]]) -> None:
         assert "drop_last" in res["unequal"]
 
 
+def test_round_helpers_gather_rows_objects_and_rank_0_s_module(
+    ranks: list[dict[str, Any]],
+) -> None:
+    for r in ranks:
+        assert torch.equal(r["rows"], torch.tensor([[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]))
+        assert r["objects"] == [{"rank": 0}, {"rank": 1}]
+        mean, weight = r["module"]  # BatchNorm statistics too, not just parameters
+        assert torch.equal(mean, torch.full((2,), 5.0)) and torch.equal(weight, torch.ones(2))
+
+
 def test_no_process_group_is_a_no_op() -> None:
     assert not torch_dist.is_initialized()
     assert (dist.is_dist(), dist.world_size(), dist.rank(), dist.global_offset(7)) == (
@@ -217,3 +235,9 @@ def test_no_process_group_is_a_no_op() -> None:
         assert not out.requires_grad
         out.add_(1.0)  # a copy: the input is untouched
         assert not torch.equal(out, t.detach())
+    assert dist.all_gather_rows(t) is t and dist.all_gather_objects(5) == [5]
+    module = torch.nn.Linear(2, 2)
+    before = module.weight.detach().clone()
+    dist.broadcast_module(module)
+    dist.barrier()
+    assert torch.equal(module.weight, before)

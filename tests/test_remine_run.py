@@ -240,6 +240,75 @@ def _run_manifest(checkpoint: str) -> dict:
 
 
 @pytest.mark.slow
+def test_a_worker_killed_during_a_round_resumes_with_the_same_pairs(tmp_path: Path) -> None:
+    """3,000 images: the round (embedding them, searching 300 anchors) outlasts the moment
+    between Ray recording round 1's last checkpoint and the kill, which lands in the round."""
+    images = str(tmp_path / "syn")
+    ingest(open_source("synthetic", options=SourceOptions(n=3000, size=16, chunk_size=500)), images)
+    pairs = str(tmp_path / "pairs")
+    mine_command(
+        images,
+        pairs,
+        EncoderConfig(name="resnet18", cifar_stem=True, image_size=16),
+        MineConfig(lo=-1.0, hi=0.9999, k=300, m=1),
+        splits=["train"],
+        actors=None,
+        overwrite=False,
+        config={},
+    )
+    run = tmp_path / "run"
+    round_2 = Path(round_uri(str(run), 2)) / "manifest.json"
+    killed: list[bool] = []  # whether round 2 was complete when its worker was killed
+
+    def kill_once_round_1_is_saved() -> None:
+        # the round starts as soon as Ray holds round 1's last checkpoint (the run then
+        # resumes from it, not from scratch)
+        deadline = time.time() + 600
+        while time.time() < deadline and not _reported(run):
+            time.sleep(0.02)
+        for pid in (int(d) for d in os.listdir("/proc") if d.isdigit()):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if "RayTrainWorker" in cmdline:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(round_2.exists())
+                return
+
+    t = threading.Thread(target=kill_once_round_1_is_saved, daemon=True)
+    t.start()
+    m = pretrain(_cfg(images, pairs, run, 1, epochs=2, max_failures=2, batch_size=256))
+    t.join(timeout=5)
+    assert killed == [False], "the kill must land before round 2 was complete"
+    assert m["loop_starts_at_epoch"] == [0, 1]  # restarted from round 1's last checkpoint
+    again = _remine_from_checkpoint(images, pairs, checkpoint_uri(str(run), 1), tmp_path / "again")
+    assert _pairs(again) == _pairs(round_uri(str(run), 2))
+    assert [r["round"] for r in m["rounds"]] == [1, 2]
+
+
+def _similarities(images: str, ckpt: str) -> dict[int, dict[int, float]]:
+    """Cosine similarities between every two training images under ``ckpt``'s backbone."""
+    from sepp_ray.models.encode import encode
+
+    ds = ImageDataset.open(images)
+    parts = [
+        decode_chunk(c, "train", (16, 16)) for c in census(image_files(ds), "images", "train", None)
+    ]
+    ids = np.concatenate([p["id"] for p in parts]).tolist()
+    pixels = torch.from_numpy(np.concatenate([p["image"] for p in parts])).permute(0, 3, 1, 2)
+    model, meta, _ = load_backbone(ckpt)
+    norm = (torch.tensor(meta.mean).view(1, 3, 1, 1), torch.tensor(meta.std).view(1, 3, 1, 1))
+    f = torch.nn.functional.normalize(encode(model, pixels, *norm, torch.device("cpu")), dim=1)
+    s = (f @ f.T).tolist()
+    return {a: dict(zip(ids, row, strict=True)) for a, row in zip(ids, s, strict=True)}
+
+
+def _run_manifest(checkpoint: str) -> dict:
+    return read_manifest(str(Path(checkpoint).parent.parent))
+
+
+@pytest.mark.slow
 def test_a_worker_killed_at_a_round_resumes_with_the_same_pairs(
     data: tuple[str, str], tmp_path: Path
 ) -> None:

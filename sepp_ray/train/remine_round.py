@@ -36,8 +36,9 @@ class Target(Protocol):
 
     def embed_share(
         self, encoder: torch.nn.Module, norm: tuple[torch.Tensor, torch.Tensor], size: int
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(ids, labels (-1 unknown), L2-normalised features) of this rank's share."""
+    ) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+        """(ids, labels (-1 unknown), L2-normalised fp32 features on the device) of this
+        rank's share."""
         ...
 
     def set_items(self, table: pa.Table, r: int) -> None:
@@ -56,7 +57,12 @@ def encoder_of(method: Method, which: str) -> torch.nn.Module:
 
 
 def search_share(
-    ids: np.ndarray, feats: np.ndarray, cfg: MineConfig, device: torch.device, rank: int, world: int
+    ids: np.ndarray,
+    feats: torch.Tensor,
+    cfg: MineConfig,
+    device: torch.device,
+    rank: int,
+    world: int,
 ) -> tuple[np.ndarray, Any, Any]:
     """(all anchors, this rank's pairs, its anchors' nearest images below hi): the anchors
     are the first round's (same ids, same seed), cut in contiguous shares in anchor order, as
@@ -67,8 +73,9 @@ def search_share(
 
     anchors = choose_anchors(ids, cfg.anchor_count(), cfg.seed)
     share = np.array_split(anchors, world)[rank]
-    keys = Vectors(ids, feats)
     name = auto_backend() if cfg.backend == "auto" else cfg.backend
+    # the torch backend searches the gathered features where they are; the others take numpy
+    keys = Vectors(ids, feats if name == "torch" else feats.cpu().numpy())
     options: dict[str, Any] = {"nprobe": cfg.nprobe} if name == "faiss-ivf" else {}
     if name == "torch":
         options["device"] = device  # this rank's GPU, not the node's first
@@ -98,16 +105,9 @@ def mine_round(
     # every rank embeds with rank 0's encoder, the one its checkpoint saves: BatchNorm's running
     # statistics differ between ranks (used in eval mode only, so training does not change)
     dist.broadcast_module(encoder)
-    parts = _gathered(lambda: target.embed_share(encoder, norm, size))
-    # in id order, whatever order the ranks read their rows in: the same search on any plane
-    order = np.argsort(np.concatenate([p[0] for p in parts]), kind="stable")
-    all_ids = np.concatenate([p[0] for p in parts])[order]
-    labels = np.concatenate([p[1] for p in parts])[order]
-    all_feats = np.concatenate([p[2] for p in parts])[order]
+    ids, labels, feats = _embedded(target, encoder, norm, size)
     t1 = time.perf_counter()
-    found = _gathered(
-        lambda: search_share(all_ids, all_feats, spec.mining, target.device, rank, world)
-    )
+    found = _gathered(lambda: search_share(ids, feats, spec.mining, target.device, rank, world))
     pairs = Pairs.concat([f[1] for f in found])
     try:  # each rank held a part; the whole may be over
         check_limit(len(pairs), spec.mining.max_pairs)
@@ -115,26 +115,52 @@ def mine_round(
         raise RoundError(f"{e} (the re-mining round's pairs)") from e
     mined = Mined(found[0][0], pairs, Pairs.concat([f[2] for f in found]))
     info = {
-        "n": len(all_ids),
+        "n": len(ids),
         "embed_seconds": round(t1 - t0, 3),
         "search_seconds": round(time.perf_counter() - t1, 3),
     }
     known = labels >= 0
-    by_id = dict(zip(all_ids[known].tolist(), labels[known].tolist(), strict=True))
+    by_id = dict(zip(ids[known].tolist(), labels[known].tolist(), strict=True))
     return mined, (by_id or None), info
+
+
+def _embedded(
+    target: Target,
+    encoder: torch.nn.Module,
+    norm: tuple[torch.Tensor, torch.Tensor],
+    size: int,
+) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+    """Collective: (ids, labels, features) of the whole split on every rank, in id order,
+    whatever order the ranks read their rows in (the same search on any plane). The features
+    are gathered as one tensor on the device, never pickled."""
+    try:
+        ids, labels, feats = target.embed_share(encoder, norm, size)
+        error = None
+    except SeppError as e:
+        ids, labels, feats, error = np.zeros(0, np.int64), np.zeros(0, np.int64), None, str(e)
+    parts = _gathered(lambda: (ids, labels), error)  # an error on any rank stops all here
+    assert feats is not None
+    all_feats = dist.all_gather_rows(feats)
+    all_ids = np.concatenate([p[0] for p in parts])
+    order = np.argsort(all_ids, kind="stable")
+    index = torch.from_numpy(order).to(all_feats.device)
+    return all_ids[order], np.concatenate([p[1] for p in parts])[order], all_feats[index]
 
 
 class RoundError(SeppError):
     """A round could not be mined (raised on every rank alike)."""
 
 
-def _gathered(work: Any) -> list[Any]:
-    """Every rank's result of ``work()``, in rank order; a `SeppError` on any rank raises a
-    `RoundError` on every rank (none is left waiting in a collective)."""
-    try:
-        value, error = work(), None
-    except SeppError as e:
-        value, error = None, str(e)
+def _gathered(work: Any, failed: str | None = None) -> list[Any]:
+    """Every rank's result of ``work()``, in rank order; a `SeppError` on any rank (or its
+    earlier error ``failed``) raises a `RoundError` on every rank (none is left waiting in a
+    collective)."""
+    value, error = None, failed
+    if error is None:
+        try:
+            value = work()
+        except SeppError as e:
+            error = str(e)
     results = dist.all_gather_objects((value, error))
     errors = [e for _, e in results if e]
     if errors:

@@ -59,19 +59,27 @@ def _features(
     norm: tuple[torch.Tensor, torch.Tensor],
     device: torch.device,
 ) -> torch.Tensor:
-    """uint8 B x 3 x S x S -> L2-normalised fp32 B x D on the CPU; NaN/inf refused."""
+    """uint8 B x 3 x S x S -> L2-normalised fp32 B x D on ``device``; NaN/inf refused."""
     from sepp_ray.models.encode import encode
 
     f = torch.nn.functional.normalize(encode(encoder, pixels, norm[0], norm[1], device), dim=1)
     if not torch.isfinite(f).all():
         raise SeppError("the encoder in training produced NaN/inf features: no pairs to mine")
-    return f.cpu()
+    return f
 
 
-def _stack(ids: list[np.ndarray], labels: list[np.ndarray], feats: list[torch.Tensor]) -> Any:
+def _stack(
+    ids: list[np.ndarray], labels: list[np.ndarray], feats: list[torch.Tensor], empty: torch.Tensor
+) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+    """A rank's share as (ids, labels, features on the device); ``empty`` when it has none."""
     if not feats:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
-    return np.concatenate(ids), np.concatenate(labels), torch.cat(feats).numpy()
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), empty
+    return np.concatenate(ids), np.concatenate(labels), torch.cat(feats)
+
+
+def _empty(encoder: torch.nn.Module, device: torch.device) -> torch.Tensor:
+    """No features, at the encoder's width on ``device``: an empty share still gathers."""
+    return torch.zeros((0, int(getattr(encoder, "num_features", 0) or 0)), device=device)
 
 
 def plan_of(table: pa.Table, spec: RemineSpec) -> ItemPlan:
@@ -91,7 +99,7 @@ class ResidentTarget:
 
     def embed_share(
         self, encoder: torch.nn.Module, norm: tuple[torch.Tensor, torch.Tensor], size: int
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    ) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
         feed = self.feed
         lo, hi = _bounds(len(feed.host_ids), dist.world_size(), dist.rank())
         feats = []
@@ -99,7 +107,9 @@ class ResidentTarget:
             e = min(hi, s + EMBED_BATCH)
             pixels = square_uint8(feed.images[s:e].to(self.device).permute(0, 3, 1, 2), size)
             feats.append(_features(encoder, pixels, norm, self.device))
-        return _stack([feed.host_ids[lo:hi]], [feed.host_labels[lo:hi]], feats)
+        return _stack(
+            [feed.host_ids[lo:hi]], [feed.host_labels[lo:hi]], feats, _empty(encoder, self.device)
+        )
 
     def set_items(self, table: pa.Table, r: int) -> None:
         from sepp_ray.train.resident import ResidentItems
@@ -119,7 +129,7 @@ class StreamTarget:
 
     def embed_share(
         self, encoder: torch.nn.Module, norm: tuple[torch.Tensor, torch.Tensor], size: int
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    ) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
         ids, labels, feats = [], [], []
         for part in self._read_share(size):
             ids.append(part["id"])
@@ -127,7 +137,7 @@ class StreamTarget:
             for s in range(0, len(part["id"]), EMBED_BATCH):
                 pixels = torch.from_numpy(part["image"][s : s + EMBED_BATCH]).permute(0, 3, 1, 2)
                 feats.append(_features(encoder, pixels, norm, self.device))
-        return _stack(ids, labels, feats)
+        return _stack(ids, labels, feats, _empty(encoder, self.device))
 
     def _read_share(self, size: int) -> Any:
         """This rank's row groups of the split, decoded in Ray tasks, ``READ_AHEAD`` in flight."""
