@@ -58,7 +58,7 @@ def _first_pairs(tmp_path: Path, **mining: object) -> str:
     return loc.uri
 
 
-def _feed(seed: int = 0) -> ResidentFeed:
+def _feed(seed: int = 0, device: str = "cpu") -> ResidentFeed:
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, (N, SIZE, SIZE, 3), dtype=np.uint8)
     part = {"id": np.arange(N, dtype=np.int64), "label": np.arange(N) % 4, "image": images}
@@ -76,7 +76,7 @@ def _feed(seed: int = 0) -> ResidentFeed:
             seed=0,
             choice=PlaneChoice("resident", "test", N * SIZE * SIZE * 3),
         ),
-        "cpu",
+        device,
     )
 
 
@@ -307,3 +307,22 @@ def test_a_streamed_epoch_cycles_its_chunks_only_when_asked() -> None:
     assert [sum(s.stop - s.start for s in g) for g in got] == [20, 20]  # 40 rows from 34
     # where the chunks fill the epoch, cycling changes nothing
     assert rank_slices(chunks, 0, 1, 2, 1, 15) == rank_slices(chunks, 0, 1, 2, 1, 15, cycle=True)
+
+
+@pytest.mark.gpu
+def test_a_round_on_a_cuda_device_embeds_and_searches_there(tmp_path: Path) -> None:
+    """The GPU path: the split on the device, bf16 features, the torch search on the device's
+    keys. bf16 moves near-ties, so the same anchors and counts are asserted, not the pairs."""
+    first = _first_pairs(tmp_path)
+    spec = _spec(first)
+    assert _rounds(spec, tmp_path / "cpu", _method(), _feed()).before_epoch(2)
+    feed = _feed(device="cuda")
+    norm = (NORM[0].cuda(), NORM[1].cuda())
+    method = _method().cuda()
+    rounds = Rounds(spec, str(tmp_path / "gpu"), ResidentTarget(feed, spec), method, norm, SIZE)  # type: ignore[arg-type]
+    assert rounds.before_epoch(2)
+    cpu, gpu = (read_manifest(round_uri(str(tmp_path / w), 2)) for w in ("cpu", "gpu"))
+    assert gpu["num_pairs"] == cpu["num_pairs"] == 12 and gpu["k"] == cpu["k"]
+    anchors = {a for a, _ in _pairs_of(round_uri(str(tmp_path / "gpu"), 2))}
+    assert anchors == {a for a, _ in _pairs_of(round_uri(str(tmp_path / "cpu"), 2))}
+    assert feed.row_a.device.type == "cuda" and len(feed.row_b) == N + 12
