@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from sepp_ray.train.progress import ProgressBar, write_progress
+from sepp_ray.train.progress import ProgressBar, write_progress, write_stage
 
 
 def test_the_bar_follows_the_epochs_written(tmp_path: Path) -> None:
@@ -26,3 +26,18 @@ def test_no_progress_file_yet_is_not_an_error(tmp_path: Path) -> None:
     with ProgressBar(str(tmp_path / "nothing"), epochs=2, start=0, every_s=0.05) as p:
         time.sleep(0.2)
     assert p.bar.n == 0
+
+
+def test_the_bar_says_what_the_run_does_between_epochs(tmp_path: Path) -> None:
+    out = str(tmp_path)
+    with ProgressBar(out, epochs=4, start=0, every_s=0.05) as p:
+        write_progress(out, 2, 4, {"loss": 2.0})
+        write_stage(out, "re-mining round 2")
+        deadline = time.monotonic() + 5
+        while "re-mining" not in p.desc and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert p.bar.desc.startswith("pretrain (re-mining round 2)") and p.bar.n == 2
+        write_progress(out, 3, 4, {"loss": 1.5})  # the next epoch: the stage is over
+        while p.bar.n != 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert p.desc == "pretrain" and "re-mining" not in p.bar.desc

@@ -242,7 +242,7 @@ def _run_manifest(checkpoint: str) -> dict:
 @pytest.mark.slow
 def test_a_worker_killed_during_a_round_resumes_with_the_same_pairs(tmp_path: Path) -> None:
     """3,000 images: the round (embedding them, searching 300 anchors) outlasts the moment
-    between Ray recording round 1's last checkpoint and the kill, which lands in the round."""
+    between rank 0 saying it started and the kill, which lands in the round."""
     images = str(tmp_path / "syn")
     ingest(open_source("synthetic", options=SourceOptions(n=3000, size=16, chunk_size=500)), images)
     pairs = str(tmp_path / "pairs")
@@ -261,11 +261,17 @@ def test_a_worker_killed_during_a_round_resumes_with_the_same_pairs(tmp_path: Pa
     killed: list[bool] = []  # whether round 2 was complete when its worker was killed
 
     def kill_once_round_1_is_saved() -> None:
-        # the round starts as soon as Ray holds round 1's last checkpoint (the run then
-        # resumes from it, not from scratch)
+        # rank 0 says when the round starts (the driver's progress bar shows it), after Ray
+        # was handed round 1's last checkpoint (the run then resumes from it)
         deadline = time.time() + 600
-        while time.time() < deadline and not _reported(run):
-            time.sleep(0.02)
+        progress = run / "progress.json"
+        while time.time() < deadline:
+            try:
+                if "re-mining round 2" in progress.read_text() and _reported(run):
+                    break
+            except OSError:
+                pass
+            time.sleep(0.01)
         for pid in (int(d) for d in os.listdir("/proc") if d.isdigit()):
             try:
                 cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")

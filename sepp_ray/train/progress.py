@@ -1,9 +1,10 @@
 """A progress bar on the driver for a run whose epochs happen on Ray Train workers.
 
 Rank 0 writes ``progress.json`` (epoch, epochs, a few metrics) into the run's output after every
-epoch; the driver polls it from a daemon thread while ``trainer.fit()`` blocks the main thread.
-Going through storage keeps it working when the driver and the workers share nothing but the
-output URI (a `ray job submit` driver on the head, workers on GPU nodes).
+epoch, and what the run does between epochs (a re-mining round) when that starts; the driver
+polls it from a daemon thread while ``trainer.fit()`` blocks the main thread. Going through
+storage keeps it working when the driver and the workers share nothing but the output URI (a
+`ray job submit` driver on the head, workers on GPU nodes).
 """
 
 from __future__ import annotations
@@ -29,6 +30,17 @@ def write_progress(out_uri: str, epoch: int, epochs: int, metrics: dict[str, Any
 SHOWN = ("loss", "pairs_per_s", "knn_top1", "lr")
 
 
+def write_stage(out_uri: str, stage: str) -> None:
+    """Say what the run does between epochs (e.g. "re-mining round 2"): the bar shows it until
+    the next epoch's progress replaces it."""
+    loc = Location(out_uri)
+    try:
+        body = json.loads(loc.read_bytes(PROGRESS))
+    except (FileNotFoundError, ValueError, OSError):
+        body = {"epoch": 0}
+    loc.write_bytes(PROGRESS, json.dumps({**body, "stage": stage}).encode())
+
+
 class ProgressBar:
     """``with ProgressBar(out, epochs, start):`` shows epochs done while the body runs."""
 
@@ -48,6 +60,7 @@ class ProgressBar:
             position=0,
             mininterval=0.1 if out.isatty() else 30.0,
         )
+        self.desc = "pretrain"
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._poll, daemon=True)
 
@@ -70,6 +83,11 @@ class ProgressBar:
             body = json.loads(self.loc.read_bytes(PROGRESS))
         except (FileNotFoundError, ValueError, OSError):
             return  # not written yet, or caught mid-write: the next poll sees it
+        stage = body.get("stage")
+        desc = f"pretrain ({stage})" if stage else "pretrain"
+        if desc != self.desc:
+            self.desc = desc
+            self.bar.set_description(desc, refresh=False)
         if body["epoch"] > self.bar.n:  # redrawn on news only, as often as mininterval allows
             self.bar.set_postfix({k: body[k] for k in SHOWN if k in body}, refresh=False)
             self.bar.update(body["epoch"] - self.bar.n)

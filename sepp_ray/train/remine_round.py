@@ -274,6 +274,10 @@ class Rounds:
 
     def _mine(self, r: int, epoch: int) -> None:
         """Mine round ``r`` from the weights of the checkpoint saved at ``epoch``."""
+        from sepp_ray.train.progress import write_stage
+
+        if dist.rank() == 0:
+            write_stage(self.out, f"re-mining round {r}")
         mined, labels, info = mine_round(self.spec, self.target, self.method, self.norm, self.size)
         if dist.rank() == 0:
             info = {
