@@ -15,6 +15,7 @@ from sepp_ray.errors import SeppError
 from sepp_ray.flow.pipeline import ARMS, PipelineConfig, arm_pairs, run_pipeline, summarize
 from sepp_ray.storage import read_manifest
 from sepp_ray.train.budget import epochs_for, plain_steps, planned_items
+from tests.test_remine_run import check_sp_remine
 
 
 @pytest.mark.usefixtures("ray_cluster")
@@ -29,13 +30,16 @@ def test_every_arm_takes_the_plain_runs_steps_and_a_rerun_reuses_every_stage(
         "work=work",
         "source_options.n=120",
         "source_options.size=16",
-        "arms=[plain,ap,sp]",
+        "arms=[plain,ap,sp,sp-remine]",
+        "remine_every=1",
         "seeds=1",
-        "bootstrap_epochs=1",  # = pretrain.epochs
+        "bootstrap_epochs=2",  # = pretrain.epochs
         "pretrain.backbone=test_resnet",
-        "pretrain.epochs=1",
+        "pretrain.epochs=2",
         "pretrain.batch_size=24",
         "pretrain.warmup_epochs=0",
+        "pretrain.report_every_steps=1",  # the learning rate of every step in the history
+        "pretrain.keep_checkpoints=0",  # epoch 1's checkpoint: sp-remine's round 2 came from it
         "pretrain.knn_k=20",
         "pretrain.cpus_per_worker=0.5",
         "pretrain.shuffle_buffer=0",
@@ -49,7 +53,7 @@ def test_every_arm_takes_the_plain_runs_steps_and_a_rerun_reuses_every_stage(
     first = run_pipeline(cfg)
     report = Path(first["report"]).read_text()
     assert "## Accuracy per arm" in report and "pairs: 20 for 20 of 20 anchors" in report
-    runs = {"plain-seed0", "ap-seed0", "sp-seed0"}
+    runs = {"plain-seed0", "ap-seed0", "sp-seed0", "sp-remine-seed0"}
     assert set(first["timings"]) == {"data", "bootstrap", "pairs", "eval"} | runs
     assert (tmp_path / "work" / "report" / "pairs_grid.png").exists()
     # the bootstrap run is as long as the plain run and equal to it: trained once, reused
@@ -59,7 +63,7 @@ def test_every_arm_takes_the_plain_runs_steps_and_a_rerun_reuses_every_stage(
         r["arm"]: read_manifest(str(Path(r["checkpoint"]).parent.parent)) for r in first["runs"]
     }
     data = read_manifest(next(str(p) for p in (tmp_path / "work").glob("data-*")))
-    budget = plain_steps(data, "train", 24, 1)
+    budget = plain_steps(data, "train", 24, 2)
     n = data["splits"]["train"]["total"]
     assert manifests["sp"]["items"]["semantic"] == manifests["ap"]["items"]["augmentation"] == 20
     assert (n + 20) // 24 > n // 24  # without the budget, the pair arms would step more
@@ -70,10 +74,11 @@ def test_every_arm_takes_the_plain_runs_steps_and_a_rerun_reuses_every_stage(
     # is a run metric), and the pairs used are counted: pair items only in the pair arms
     assert all(m["same_image_negatives"] == 0 for m in manifests.values())
     assert manifests["plain"]["pair_items"] == 0
-    assert 0 < manifests["sp"]["pair_items"] <= 20 and 0 < manifests["ap"]["pair_items"] <= 20
+    assert 0 < manifests["sp"]["pair_items"] <= 40 and 0 < manifests["ap"]["pair_items"] <= 40
     assert all(m["data_plane"]["mode"] == "resident" for m in manifests.values())
-    for arm in ("plain", "ap", "sp"):
+    for arm in ("plain", "ap", "sp", "sp-remine"):
         assert f"| {arm} | 1 |" in report and f"| {arm} | 0 |" in report
+    check_sp_remine(manifests["sp-remine"], manifests["sp"], report, tmp_path)
     # every run evaluated, on the test split, once
     assert all(0.0 <= r["knn"] <= 1.0 for r in first["runs"])
     second = run_pipeline(load(PipelineConfig, None, overrides))

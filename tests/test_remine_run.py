@@ -1,7 +1,6 @@
-"""Re-mining on Ray Train (the session's cluster), through the pipeline's sp-remine arm: round
-2's pairs come from round 1's checkpoint and can be mined again from it; the steps and the
-learning rate at every step are those of the sp arm (the same run without re-mining); the
-report shows every round. A worker killed at a round resumes and trains on the same pairs."""
+"""Re-mining on Ray Train (the session's cluster): a two-rank streamed run; a worker killed
+during a round (slow). The pipeline's sp-remine arm is checked by `check_sp_remine` inside the
+every-arm pipeline test (`tests/test_pipeline.py`), which runs it beside sp at equal steps."""
 
 from __future__ import annotations
 
@@ -15,13 +14,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from ray.train import Result
 
-from sepp_ray.config import load
 from sepp_ray.data.dataset import ImageDataset
 from sepp_ray.data.ingest import ingest
 from sepp_ray.data.sources import SourceOptions, open_source
-from sepp_ray.flow.pipeline import PipelineConfig, run_pipeline
 from sepp_ray.methods import create_method
 from sepp_ray.mining.command import mine_command
 from sepp_ray.mining.encoder import EncoderConfig
@@ -87,14 +83,6 @@ def _cfg(
     return PretrainConfig(**settings)  # type: ignore[arg-type]
 
 
-def _reported(out: Path) -> bool:
-    """Whether Ray Train has recorded a checkpoint of the run in ``out``."""
-    try:
-        return Result.from_path(str(out / "checkpoints")).checkpoint is not None
-    except Exception:  # noqa: BLE001 - not there yet, or read while Ray writes it
-        return False
-
-
 def _pairs(uri: str) -> list[tuple[int, int]]:
     m = read_manifest(uri)
     t = pq.read_table(str(Path(uri) / m["files"]["pairs"]))
@@ -131,62 +119,31 @@ def _remine_from_checkpoint(images: str, pairs: str, ckpt: str, out: Path) -> st
     return round_uri(str(out), 2)
 
 
-def test_the_sp_remine_arm_mines_round_2_from_round_1_s_checkpoint_at_sp_s_steps(
-    tmp_path: Path,
-) -> None:
-    """The pipeline's sp arm is the same run without re-mining: sp-remine must take its steps
-    and its learning rate at every step, and differ only in the pairs."""
-    overrides = [
-        "source=synthetic",
-        f"work={tmp_path / 'work'}",
-        "source_options.n=120",
-        "source_options.size=16",
-        "arms=[plain,sp,sp-remine]",
-        "remine_every=1",
-        "seeds=1",
-        "bootstrap_epochs=3",  # = pretrain.epochs: the bootstrap is the plain arm, reused
-        "pretrain.backbone=test_resnet",
-        "pretrain.epochs=3",
-        "pretrain.batch_size=32",
-        "pretrain.warmup_epochs=1",
-        "pretrain.knn_k=20",
-        "pretrain.cpus_per_worker=0.5",
-        "pretrain.report_every_steps=1",
-        "pretrain.keep_checkpoints=0",  # keep round 1's last checkpoint: mined from below
-        "mining.lo=-1",
-        "mining.hi=0.9999",
-        "mining.k=20",
-        "mining.m=1",  # each anchor's nearest image: 20 pairs a round
-        "protocols=knn",
-    ]
-    out = run_pipeline(load(PipelineConfig, None, overrides))
-    runs = {r["arm"]: r for r in out["runs"]}
-    m, once = (_run_manifest(runs[a]["checkpoint"]) for a in ("sp-remine", "sp"))
-    # the same steps, and the same learning rate at every one of them
-    assert m["total_steps"] == once["total_steps"] == runs["plain"]["total_steps"]
+def check_sp_remine(m: dict, once: dict, report: str, tmp_path: Path) -> None:
+    """The pipeline's sp-remine run ``m`` (every-arm test of `tests/test_pipeline.py`, two
+    epochs, a round every epoch, reports every step) against its sp run ``once``, the same run
+    without re-mining: the same steps and learning rate at every step, round 2 mined from round
+    1's last checkpoint (mined again here from it: the same pairs), the rounds in the report."""
+    assert m["total_steps"] == once["total_steps"]
     assert [h["step"] for h in m["history"]] == [h["step"] for h in once["history"]]
     assert [h["lr"] for h in m["history"]] == [h["lr"] for h in once["history"]]
-    # three rounds: the sampler's, then one mined before each later epoch
     rounds = m["rounds"]
-    assert [(r["round"], r["start_epoch"]) for r in rounds] == [(1, 0), (2, 1), (3, 2)]
+    assert [(r["round"], r["start_epoch"]) for r in rounds] == [(1, 0), (2, 1)]
     pairs = rounds[0]["pairs"]
     assert rounds[0]["encoder"] == "sampler" and pairs == once["config"]["pairs"]["pairs"]
     assert all(r["num_pairs"] == 20 and 0.0 <= r["precision"] <= 1.0 for r in rounds)
     assert m["remine"]["every"] == 1 and m["remine"]["encoder"] == "online"
     spe = m["steps_per_epoch"]  # every step's report names the round it trained on
-    assert [h["round"] for h in m["history"]] == [1] * spe + [2] * spe + [3] * spe
+    assert [h["round"] for h in m["history"]] == [1] * spe + [2] * (m["total_steps"] - spe)
     run = Path(m["final_checkpoint"]).parent.parent
     r2 = read_manifest(round_uri(str(run), 2))
     assert r2["encoder_checkpoint_epoch"] == 1 and r2["config"] == read_manifest(pairs)["config"]
-    # round 2 differs from the sampler's pairs, and is mined again from round 1's checkpoint
     assert _pairs(round_uri(str(run), 2)) != _pairs(pairs)
     images = m["config"]["dataset"]
     again = _remine_from_checkpoint(images, pairs, checkpoint_uri(str(run), 1), tmp_path / "again")
     assert _pairs(again) == _pairs(round_uri(str(run), 2))
-    assert "rounds" not in once and runs["sp"]["rounds"] is None
-    # the report: sp-remine beside the other arms, and its rounds with pairs and precision
-    report = Path(out["report"]).read_text()
-    assert "| sp-remine | 1 |" in report and "## Re-mining rounds" in report
+    assert "rounds" not in once
+    assert "## Re-mining rounds" in report
     for r in rounds:
         line = f"| sp-remine | 0 | {r['round']} | {r['start_epoch'] + 1} | {r['encoder']} | 20 |"
         assert f"{line} {r['precision']:.3f} |" in report
@@ -233,10 +190,6 @@ def _similarities(images: str, ckpt: str) -> dict[int, dict[int, float]]:
     f = torch.nn.functional.normalize(encode(model, pixels, *norm, torch.device("cpu")), dim=1)
     s = (f @ f.T).tolist()
     return {a: dict(zip(ids, row, strict=True)) for a, row in zip(ids, s, strict=True)}
-
-
-def _run_manifest(checkpoint: str) -> dict:
-    return read_manifest(str(Path(checkpoint).parent.parent))
 
 
 @pytest.mark.slow
@@ -294,63 +247,3 @@ def test_a_worker_killed_during_a_round_resumes_with_the_same_pairs(tmp_path: Pa
     again = _remine_from_checkpoint(images, pairs, checkpoint_uri(str(run), 1), tmp_path / "again")
     assert _pairs(again) == _pairs(round_uri(str(run), 2))
     assert [r["round"] for r in m["rounds"]] == [1, 2]
-
-
-def _similarities(images: str, ckpt: str) -> dict[int, dict[int, float]]:
-    """Cosine similarities between every two training images under ``ckpt``'s backbone."""
-    from sepp_ray.models.encode import encode
-
-    ds = ImageDataset.open(images)
-    parts = [
-        decode_chunk(c, "train", (16, 16)) for c in census(image_files(ds), "images", "train", None)
-    ]
-    ids = np.concatenate([p["id"] for p in parts]).tolist()
-    pixels = torch.from_numpy(np.concatenate([p["image"] for p in parts])).permute(0, 3, 1, 2)
-    model, meta, _ = load_backbone(ckpt)
-    norm = (torch.tensor(meta.mean).view(1, 3, 1, 1), torch.tensor(meta.std).view(1, 3, 1, 1))
-    f = torch.nn.functional.normalize(encode(model, pixels, *norm, torch.device("cpu")), dim=1)
-    s = (f @ f.T).tolist()
-    return {a: dict(zip(ids, row, strict=True)) for a, row in zip(ids, s, strict=True)}
-
-
-def _run_manifest(checkpoint: str) -> dict:
-    return read_manifest(str(Path(checkpoint).parent.parent))
-
-
-@pytest.mark.slow
-def test_a_worker_killed_at_a_round_resumes_with_the_same_pairs(
-    data: tuple[str, str], tmp_path: Path
-) -> None:
-    images, pairs = data
-    run = tmp_path / "run"
-    killed: list[int] = []
-
-    def kill_once_round_1_is_saved() -> None:
-        # the round starts as soon as Ray holds round 1's last checkpoint (the run then
-        # resumes from it, not from scratch)
-        deadline = time.time() + 300
-        while time.time() < deadline and not _reported(run):
-            time.sleep(0.05)
-        for pid in (int(d) for d in os.listdir("/proc") if d.isdigit()):
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-            except OSError:
-                continue
-            if "RayTrainWorker" in cmdline:
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-                return
-
-    t = threading.Thread(target=kill_once_round_1_is_saved, daemon=True)
-    t.start()
-    m = pretrain(_cfg(images, pairs, run, 1, max_failures=2))
-    t.join(timeout=5)
-    assert killed, "no training worker was found to kill"
-    # restarted from round 1's last checkpoint when Ray had recorded it before the kill (its
-    # controller records reports a moment later), else from the start (a record of the first
-    # attempt then has no checkpoint to live in): the round is mined again either way, from
-    # the checkpoint of round 1's last epoch
-    assert m["loop_starts_at_epoch"] in ([0], [0, 1])
-    again = _remine_from_checkpoint(images, pairs, checkpoint_uri(str(run), 1), tmp_path / "again")
-    assert _pairs(again) == _pairs(round_uri(str(run), 2))
-    assert [r["round"] for r in m["rounds"]] == [1, 2, 3]
