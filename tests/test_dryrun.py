@@ -142,10 +142,9 @@ def train_seconds(plan_rows: list, stage: str) -> float:
     return float(row.wall_s - tp.START_UP.value)
 
 
-def test_twice_the_epochs_is_twice_the_training_time() -> None:
-    data = ds.KNOWN["stl10"]
-    hw = parse_hardware("h100x8", 8)
-    base = digits_config(
+def stl10_config() -> PipelineConfig:
+    """STL-10's unlabeled split at 96 px, ResNet-50 on 8 GPUs, 100 epochs, no monitor."""
+    return digits_config(
         split="unlabeled",
         backbone="resnet50",
         cifar_stem=False,
@@ -155,6 +154,12 @@ def test_twice_the_epochs_is_twice_the_training_time() -> None:
         epochs=100,
         knn_monitor=False,
     )
+
+
+def test_twice_the_epochs_is_twice_the_training_time() -> None:
+    data = ds.KNOWN["stl10"]
+    hw = parse_hardware("h100x8", 8)
+    base = stl10_config()
     longer = replace(base, pretrain=replace(base.pretrain, epochs=200))
     a, b = plan_pipeline(base, data, hw), plan_pipeline(longer, data, hw)
     for stage in ("ap-seed0", "sp-seed1"):
@@ -168,16 +173,7 @@ def test_twice_the_epochs_is_twice_the_training_time() -> None:
 def test_the_sp_remine_arm_adds_its_rounds_to_the_sp_arm_s_time() -> None:
     data = ds.KNOWN["stl10"]
     hw = parse_hardware("h100x8", 8)
-    base = digits_config(
-        split="unlabeled",
-        backbone="resnet50",
-        cifar_stem=False,
-        image_size=96,
-        workers=8,
-        batch_size=1024,
-        epochs=100,
-        knn_monitor=False,
-    )
+    base = stl10_config()
     c = replace(base, arms=["plain", "sp", "sp-remine"], remine_every=25)
     rows = {r.stage: r for r in plan_pipeline(c, data, hw).rows}
     sp, remine = rows["sp-seed0"], rows["sp-remine-seed0"]

@@ -43,23 +43,27 @@ from sepp_ray.train.state import checkpoint_uri, load_training_state
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory, ray_cluster: str) -> tuple[str, str]:
-    base = tmp_path_factory.mktemp("remine")
-    images = str(base / "syn")
-    ingest(open_source("synthetic", options=SourceOptions(n=120, size=16, chunk_size=40)), images)
-    pairs = str(base / "pairs")
+def _dataset_with_pairs(base: Path, n: int, chunk: int, k: int) -> tuple[str, str]:
+    """``n`` synthetic 16 px images and the pairs of ``k`` anchors, each anchor's nearest image
+    (the window [-1, 0.9999], m = 1: k pairs a round)."""
+    images, pairs = str(base / "syn"), str(base / "pairs")
+    ingest(open_source("synthetic", options=SourceOptions(n=n, size=16, chunk_size=chunk)), images)
     mine_command(
         images,
         pairs,
         EncoderConfig(name="resnet18", cifar_stem=True, image_size=16),
-        MineConfig(lo=-1.0, hi=0.9999, k=20, m=1),  # each anchor's nearest image: 20 pairs
+        MineConfig(lo=-1.0, hi=0.9999, k=k, m=1),
         splits=["train"],
         actors=None,
         overwrite=False,
         config={},
     )
     return images, pairs
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory, ray_cluster: str) -> tuple[str, str]:
+    return _dataset_with_pairs(tmp_path_factory.mktemp("remine"), 120, 40, 20)
 
 
 def _cfg(
@@ -196,19 +200,7 @@ def _similarities(images: str, ckpt: str) -> dict[int, dict[int, float]]:
 def test_a_worker_killed_during_a_round_resumes_with_the_same_pairs(tmp_path: Path) -> None:
     """3,000 images: the round (embedding them, searching 300 anchors) outlasts the moment
     between rank 0 saying it started and the kill, which lands in the round."""
-    images = str(tmp_path / "syn")
-    ingest(open_source("synthetic", options=SourceOptions(n=3000, size=16, chunk_size=500)), images)
-    pairs = str(tmp_path / "pairs")
-    mine_command(
-        images,
-        pairs,
-        EncoderConfig(name="resnet18", cifar_stem=True, image_size=16),
-        MineConfig(lo=-1.0, hi=0.9999, k=300, m=1),
-        splits=["train"],
-        actors=None,
-        overwrite=False,
-        config={},
-    )
+    images, pairs = _dataset_with_pairs(tmp_path, 3000, 500, 300)
     run = tmp_path / "run"
     round_2 = Path(round_uri(str(run), 2)) / "manifest.json"
     killed: list[bool] = []  # whether round 2 was complete when its worker was killed

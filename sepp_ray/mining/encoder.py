@@ -104,6 +104,26 @@ def load_encoder(cfg: EncoderConfig) -> tuple[nn.Module, BackboneMeta, str]:
     return model.eval(), meta, identity
 
 
+def unit_features(
+    model: nn.Module,
+    images: torch.Tensor,
+    norm: tuple[torch.Tensor, torch.Tensor],
+    device: torch.device,
+    what: str,
+    channels_last: bool = False,
+) -> torch.Tensor:
+    """uint8 B x 3 x H x W -> L2-normalised fp32 B x D on ``device``, what mining searches (the
+    sampler's embedding and a re-mining round's); NaN/inf features of ``what`` are refused."""
+    feats = encode(model, images, norm[0], norm[1], device, channels_last=channels_last)
+    feats = F.normalize(feats.float(), dim=1)  # normalise in fp32, never in bf16
+    if not torch.isfinite(feats).all():
+        raise SeppError(
+            f"{what} produced NaN/inf features: the weights are broken or diverged; use "
+            "another checkpoint"
+        )
+    return feats
+
+
 class Embedder:
     """Ray Data callable class: {id, image, ...} batches -> {id, label, split, embedding}.
 
@@ -122,16 +142,9 @@ class Embedder:
     def embed_uint8(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 B x 3 x H x W (any device) -> L2-normalised fp32 B x D on CPU."""
         channels_last = self.device.type == "cuda"
-        feats = encode(
-            self.model, images, self.mean, self.std, self.device, channels_last=channels_last
-        )
-        feats = F.normalize(feats.float(), dim=1)  # normalise in fp32, never in bf16
-        if not torch.isfinite(feats).all():
-            raise SeppError(
-                f"encoder {self.identity} produced NaN/inf features: the weights "
-                "are broken or diverged; use another checkpoint"
-            )
-        return feats.cpu()
+        norm = (self.mean, self.std)
+        what = f"encoder {self.identity}"
+        return unit_features(self.model, images, norm, self.device, what, channels_last).cpu()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         images = decode_batch(batch, self.meta.image_size)

@@ -30,9 +30,10 @@ import numpy as np
 
 from sepp_ray.config import opt
 from sepp_ray.errors import SeppError
-from sepp_ray.mining.anchors import choose_anchors, validate_thresholds
+from sepp_ray.mining.anchors import Vectors, choose_anchors, validate_thresholds
 from sepp_ray.mining.report_stats import pair_statistics, positives_per_anchor
 from sepp_ray.mining.search import (
+    KeySearcher,
     Pairs,
     build_searcher,
     check_backend,
@@ -114,6 +115,14 @@ class MineConfig:
         return int(self.k) if self.k > 1 else float(self.k)
 
 
+def search_window(searcher: KeySearcher, queries: Vectors, cfg: MineConfig) -> tuple[Pairs, Pairs]:
+    """The pairs of ``queries`` (in [lo, hi], at most m each, the run refused past max_pairs)
+    and each one's ``NEIGHBOURS`` nearest images below hi (the diagnostics' candidates)."""
+    pairs = searcher.search(queries, cfg.lo, cfg.hi, cfg.m, cfg.dup_eps, limit=cfg.max_pairs)
+    near = searcher.search(queries, -1.0, cfg.hi, NEIGHBOURS, cfg.dup_eps)
+    return pairs, near
+
+
 class SearchWorker:
     """A Ray actor holding keys (all of them, or one shard) for repeated searches."""
 
@@ -138,10 +147,7 @@ class SearchWorker:
             queries = self.keys.take(rows)
         else:
             queries = Vectors(anchor_ids, anchor_vecs)
-        pairs = self.searcher.search(
-            queries, cfg.lo, cfg.hi, cfg.m, cfg.dup_eps, limit=cfg.max_pairs
-        )
-        near = self.searcher.search(queries, -1.0, cfg.hi, NEIGHBOURS, cfg.dup_eps)
+        pairs, near = search_window(self.searcher, queries, cfg)
         info = {
             "node": self.node,
             "anchors": int(len(anchor_ids)),

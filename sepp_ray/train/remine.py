@@ -41,7 +41,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 ROUNDS_DIR = "rounds"
 ROUND_FAILED = "round_failed.json"  # written by rank 0 when a round cannot be mined
-EMBED_BATCH = 512
 
 
 @dataclass(frozen=True)

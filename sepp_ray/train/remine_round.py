@@ -68,7 +68,7 @@ def search_share(
     are the first round's (same ids, same seed), cut in contiguous shares in anchor order, as
     `sepp mine` cuts them over its search actors, so the pairs equal one process' search."""
     from sepp_ray.mining.anchors import Vectors, choose_anchors
-    from sepp_ray.mining.mine import NEIGHBOURS
+    from sepp_ray.mining.mine import search_window
     from sepp_ray.mining.search import auto_backend, build_searcher
 
     anchors = choose_anchors(ids, cfg.anchor_count(), cfg.seed)
@@ -81,9 +81,7 @@ def search_share(
         options["device"] = device  # this rank's GPU, not the node's first
     searcher = build_searcher(keys, name, **options)
     queries = keys.take(np.searchsorted(ids, share))
-    pairs = searcher.search(queries, cfg.lo, cfg.hi, cfg.m, cfg.dup_eps, limit=cfg.max_pairs)
-    near = searcher.search(queries, -1.0, cfg.hi, NEIGHBOURS, cfg.dup_eps)
-    return anchors, pairs, near
+    return (anchors, *search_window(searcher, queries, cfg))
 
 
 def mine_round(

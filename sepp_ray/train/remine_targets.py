@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 from sepp_ray import dist
-from sepp_ray.errors import SeppError
 from sepp_ray.storage import Location
 from sepp_ray.train.remine import ROUNDS_DIR, RemineSpec
 
@@ -59,13 +58,10 @@ def _features(
     norm: tuple[torch.Tensor, torch.Tensor],
     device: torch.device,
 ) -> torch.Tensor:
-    """uint8 B x 3 x S x S -> L2-normalised fp32 B x D on ``device``; NaN/inf refused."""
-    from sepp_ray.models.encode import encode
+    """uint8 B x 3 x S x S -> L2-normalised fp32 B x D on ``device``, as the sampler embeds."""
+    from sepp_ray.mining.encoder import unit_features
 
-    f = torch.nn.functional.normalize(encode(encoder, pixels, norm[0], norm[1], device), dim=1)
-    if not torch.isfinite(f).all():
-        raise SeppError("the encoder in training produced NaN/inf features: no pairs to mine")
-    return f
+    return unit_features(encoder, pixels, norm, device, "the encoder in training")
 
 
 def _stack(

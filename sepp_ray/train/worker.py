@@ -312,13 +312,20 @@ def _node_ids(world: int) -> list[Any]:
     return nodes
 
 
+def _norm(model: _Model, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backbone's input normalisation (mean, std as 1 x 3 x 1 x 1) on ``device``: what the
+    kNN monitor and a re-mining round feed un-augmented images with."""
+    meta = model.meta
+    mean = torch.tensor(meta.mean, device=device).view(1, 3, 1, 1)
+    return mean, torch.tensor(meta.std, device=device).view(1, 3, 1, 1)
+
+
 def _reports(
     cfg: WorkerConfig, where: _Rank, model: _Model, history: list[dict[str, Any]]
 ) -> Reports:
     """The reports of the run: TensorBoard and the kNN monitor live on rank 0."""
-    device, meta = where.device, model.meta
-    mean = torch.tensor(meta.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(meta.std, device=device).view(1, 3, 1, 1)
+    device = where.device
+    mean, std = _norm(model, device)
     monitor = load_monitor(cfg.monitor) if cfg.monitor is not None and where.rank == 0 else None
     board = Board(cfg.out) if where.rank == 0 else None
     knn = None
@@ -376,16 +383,14 @@ def _rounds(
 
     if cfg.remine is None:
         return None, None
-    meta = model.meta
-    mean = torch.tensor(meta.mean, device=where.device).view(1, 3, 1, 1)
-    std = torch.tensor(meta.std, device=where.device).view(1, 3, 1, 1)
     streamed = None
     if resident is not None:
         target: ResidentTarget | StreamTarget = ResidentTarget(resident, cfg.remine)
     else:
         assert isinstance(cfg.data, DataPlan)
         target = streamed = StreamTarget(cfg.data, cfg.remine, cfg.out, where.device)
-    rounds = Rounds(cfg.remine, cfg.out, target, model.method, (mean, std), cfg.image_size)
+    norm = _norm(model, where.device)
+    rounds = Rounds(cfg.remine, cfg.out, target, model.method, norm, cfg.image_size)
     return rounds, streamed
 
 
