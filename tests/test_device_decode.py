@@ -268,8 +268,8 @@ def test_a_training_step_on_views_cropped_on_the_device(method: str) -> None:
     from sepp_ray.data.augment import GPUAugment
     from sepp_ray.methods import create_method, method_class
     from sepp_ray.train.optim import build_optimizer
+    from sepp_ray.train.rank_data import _on_device
     from sepp_ray.train.step import StepConfig, Trainer, prepare_loss_module
-    from sepp_ray.train.worker import _on_device
 
     recipe = get_recipe(method_class(method).default_recipe, 16)
     manifest = {"image_size": {"width": [40, 40], "height": [30, 30], "uniform": True}}

@@ -32,7 +32,7 @@ import torch
 from benchmarks.gpu_check.common import PartContext
 from sepp_ray.train.dataplane import DataPlan
 from sepp_ray.train.feed import FeedConfig
-from sepp_ray.train.worker import _on_device
+from sepp_ray.train.rank_data import _on_device
 
 Batch = dict[str, Any]
 
